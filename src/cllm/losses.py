@@ -1,0 +1,134 @@
+"""CLLM training losses: pure functions, tensors in, scalar out (no Lightning inside).
+
+Shapes: logits [B, L, V] from a causal LM over a right-padded batch; the Jacobi block of a row occupies
+positions `block_start .. block_start + n - 1`. A causal LM's logit at position t predicts token t + 1, so the
+prediction for block position i comes from the logit at position `block_start - 1 + i`.
+
+Consistency (Kou et al. 2024, eq. 4 and 5), over block positions i = 0..n-1:
+
+    L_global = mean_i D( p_θ⁻(· | ctx, y*[:i]) || p_θ(· | ctx, s[:i]) )     target detached (θ⁻ = stop-grad)
+    L_local  = mean_i D( p_θ⁻(· | ctx, s'[:i]) || p_θ(· | ctx, s[:i]) )
+
+Both are the same function here; only the target logits (from ctx + y* or from ctx + s') differ.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+DIVERGENCES = ("forward_kl", "soft_ce", "reverse_kl")
+
+
+def block_logits(logits: torch.Tensor, block_start: torch.Tensor, n: int) -> torch.Tensor:
+    """The logits that predict the n block tokens of each row, [B, n, V] (taken at block_start - 1 + i)."""
+    positions = block_start.to(logits.device)[:, None] - 1 + torch.arange(n, device=logits.device)
+    index = positions[:, :, None].expand(-1, -1, logits.shape[-1])
+    return logits.gather(1, index)
+
+
+def divergence(target_logits: torch.Tensor, student_logits: torch.Tensor, kind: str) -> torch.Tensor:
+    """Per-position divergence D(p_target || p_student) over the last (vocabulary) axis; shape = logits[..., 0].
+
+    forward_kl:  Σ_v p_t (log p_t - log p_s)
+    soft_ce:     -Σ_v p_t log p_s          (= forward KL + entropy of the target; same gradient in θ)
+    reverse_kl:  Σ_v p_s (log p_s - log p_t)
+    """
+    log_target = F.log_softmax(target_logits.float(), dim=-1)
+    log_student = F.log_softmax(student_logits.float(), dim=-1)
+    if kind == "forward_kl":
+        return (log_target.exp() * (log_target - log_student)).sum(-1)
+    if kind == "soft_ce":
+        return -(log_target.exp() * log_student).sum(-1)
+    if kind == "reverse_kl":
+        return (log_student.exp() * (log_student - log_target)).sum(-1)
+    raise ValueError(f"unknown divergence {kind!r}; choose one of {DIVERGENCES}")
+
+
+def positions_after_first_mismatch(state: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """[B, n] bool: block position i is kept iff state[:i] != target[:i] (some earlier block token differs).
+
+    The prediction at position i sees block tokens 0..i-1; while they equal the target's, student and target
+    condition on the same input, so the divergence is exactly 0 and only dilutes the mean (official trick).
+    """
+    differs = (state != target).long()
+    seen_mismatch = differs.cumsum(-1) > 0  # [B, n]: a mismatch at or before j
+    # position i sees tokens < i: shift right by one
+    return torch.cat([torch.zeros_like(seen_mismatch[:, :1]), seen_mismatch[:, :-1]], dim=1)
+
+
+def consistency_loss(
+    student_logits: torch.Tensor,
+    target_logits: torch.Tensor,
+    block_start: torch.Tensor,
+    n: int,
+    *,
+    kind: str = "forward_kl",
+    state_ids: torch.Tensor | None = None,
+    target_ids: torch.Tensor | None = None,
+    mask_before_mismatch: bool = False,
+) -> torch.Tensor:
+    """L_c = mean over kept (row, block position) of D(p_target || p_student); the target is detached here.
+
+    Args:
+        student_logits: [B, L, V] of the model on ctx + s (with grad).
+        target_logits: [B, L, V] of the model on ctx + y* (global) or ctx + s' (local).
+        block_start: [B] first block position of each row.
+        n: block size.
+        kind: one of DIVERGENCES.
+        state_ids, target_ids: [B, L] inputs of student and target; needed for `mask_before_mismatch`.
+        mask_before_mismatch: keep only block positions whose input prefix differs from the target's.
+    """
+    student = block_logits(student_logits, block_start, n)
+    target = block_logits(target_logits.detach(), block_start, n)
+    per_position = divergence(target, student, kind)  # [B, n]
+    if not mask_before_mismatch:
+        return per_position.mean()
+    if state_ids is None or target_ids is None:
+        raise ValueError("mask_before_mismatch needs state_ids and target_ids")
+    keep = positions_after_first_mismatch(
+        _block_ids(state_ids, block_start, n), _block_ids(target_ids, block_start, n)
+    ).to(per_position.dtype)
+    # An all-masked batch (every state already equal to its target) contributes 0, not NaN.
+    return (per_position * keep).sum() / keep.sum().clamp(min=1)
+
+
+def _block_ids(ids: torch.Tensor, block_start: torch.Tensor, n: int) -> torch.Tensor:
+    positions = block_start.to(ids.device)[:, None] + torch.arange(n, device=ids.device)
+    return ids.gather(1, positions)
+
+
+def ar_loss(
+    logits: torch.Tensor,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    prompt_length: torch.Tensor | None = None,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    """L_ar = mean over target tokens t of -[(1-ε) log p(x_t | x_<t) + ε/V Σ_v log p(v | x_<t)].
+
+    Targets are the tokens 1..L-1 of each row where the attention mask is 1, excluding the first
+    `prompt_length` tokens when it is given (prompt masked); ε = label_smoothing.
+    """
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    if prompt_length is not None:
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        labels = labels.masked_fill(positions[None, :] < prompt_length.to(input_ids.device)[:, None], -100)
+    return labels_nll(logits, labels, label_smoothing=label_smoothing)
+
+
+def labels_nll(logits: torch.Tensor, labels: torch.Tensor, *, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Shifted token NLL (ignore index -100): the logit at t is scored against labels[t + 1]."""
+    shifted_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
+    shifted_labels = labels[:, 1:].reshape(-1)
+    if (shifted_labels != -100).sum() == 0:
+        return logits.sum() * 0.0  # nothing to score (keeps the graph, no NaN)
+    return F.cross_entropy(shifted_logits, shifted_labels, ignore_index=-100, label_smoothing=label_smoothing)
+
+
+def total_loss(
+    consistency: torch.Tensor, ar: torch.Tensor, *, consistency_weight: float = 1.0, ar_weight: float = 10.0
+) -> torch.Tensor:
+    """loss = consistency_weight * L_c + ar_weight * L_ar (official CLLM default 1 : 10)."""
+    return consistency_weight * consistency + ar_weight * ar
