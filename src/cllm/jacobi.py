@@ -17,6 +17,7 @@ Positions are logical (per row), so a hole never shifts the rotary positions of 
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -96,7 +97,7 @@ def jacobi_generate(
     """Greedy Jacobi decoding of a batch of prompts (token id lists of any lengths).
 
     Args:
-        model: a Hugging Face causal LM (anything taking input_ids/attention_mask/position_ids/past_key_values).
+        model: a Hugging Face causal LM (input_ids, attention_mask, position_ids, KV cache).
         prompts: one list of token ids per row; rows may differ in length and finish at different times.
         n: block size (tokens refined in parallel per pass); n=1 is plain greedy AR.
         max_new_tokens: generation budget per row.
@@ -138,9 +139,9 @@ def jacobi_generate(
         input_ids=input_ids.to(device),
         attention_mask=attention_mask.to(device),
         position_ids=position_ids.to(device),
-        past_key_values=cache,
         use_cache=True,
         logits_to_keep=1,
+        **cache_argument(model, cache),
     )
     known = out.logits[:, -1].argmax(-1).cpu()
     next_position = attention_mask.sum(-1)  # logical position of each row's block[0]
@@ -159,8 +160,8 @@ def jacobi_generate(
             input_ids=block.to(device),
             attention_mask=step_mask.to(device),
             position_ids=(next_position[:, None] + offsets).to(device),
-            past_key_values=cache,
             use_cache=True,
+            **cache_argument(model, cache),
         )
         predictions = out.logits.argmax(-1).cpu()
         accepted = accepted_lengths(block, predictions)
@@ -205,6 +206,12 @@ def jacobi_generate(
                     block[keep_index],
                 )
     return JacobiResult(tokens, accepted_per_pass, n)
+
+
+def cache_argument(model: torch.nn.Module, cache: DynamicCache) -> dict:
+    """The KV cache keyword: `cache` in recent transformers 5.x, `past_key_values` before (now deprecated)."""
+    parameters = inspect.signature(model.forward).parameters
+    return {"cache": cache} if "cache" in parameters else {"past_key_values": cache}
 
 
 def _fill_block(

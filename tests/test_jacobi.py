@@ -1,0 +1,107 @@
+"""Jacobi decoding must equal greedy AR token for token (float64, random tiny models)."""
+
+import pytest
+import torch
+
+from cllm.jacobi import accepted_lengths, jacobi_generate
+from cllm.models import load_model
+
+MAX_NEW_TOKENS = 37  # deliberately not a multiple of any block size
+
+
+def random_prompts(lengths, seed):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 259, (length,), generator=generator).tolist() for length in lengths]
+
+
+def hf_greedy(model, prompt, max_new_tokens, eos=None):
+    out = model.generate(
+        torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=0
+    )
+    return out[0, len(prompt) :].tolist()
+
+
+@pytest.fixture(scope="module", params=[0, 1, 2])
+def seeded_model(request):
+    model, _ = load_model(f"tiny:seed={request.param}", dtype="float64")
+    return model, request.param
+
+
+@pytest.mark.parametrize("n", [1, 2, 4, 16])
+@pytest.mark.parametrize("lengths", [(7,), (5, 12, 3, 9)], ids=["batch1", "batch4"])
+def test_jacobi_equals_greedy_ar(seeded_model, n, lengths):
+    model, seed = seeded_model
+    prompts = random_prompts(lengths, seed)
+    result = jacobi_generate(model, prompts, n=n, max_new_tokens=MAX_NEW_TOKENS, seed=seed)
+    for row, prompt in enumerate(prompts):
+        assert result.tokens[row] == hf_greedy(model, prompt, MAX_NEW_TOKENS)
+        assert sum(result.accepted_per_pass[row]) == len(result.tokens[row]) == MAX_NEW_TOKENS
+        assert all(1 <= a <= n for a in result.accepted_per_pass[row])
+    if n == 1:
+        assert result.accepted_tokens_per_step == [1.0] * len(prompts)
+
+
+def test_eos_inside_a_block_and_rows_finishing_at_different_times(tiny_float64):
+    model, _ = tiny_float64
+    prompts = random_prompts((6, 11, 4), seed=5)
+    reference = [hf_greedy(model, p, MAX_NEW_TOKENS) for p in prompts]
+    eos = reference[1][9]  # a token row 1 emits mid-way; other rows may emit it at other places, or never
+    expected = [hf_greedy(model, p, MAX_NEW_TOKENS, eos=eos) for p in prompts]
+    assert len(expected[1]) <= 10 and expected[1][-1] == eos
+    assert len({len(e) for e in expected}) > 1, "rows should finish at different times"
+    for n in (4, 16):
+        result = jacobi_generate(model, prompts, n=n, max_new_tokens=MAX_NEW_TOKENS, eos_token_id=eos)
+        assert result.tokens == expected
+        assert [sum(a) for a in result.accepted_per_pass] == [len(e) for e in expected]
+
+
+@pytest.mark.parametrize("init", ["context", "repeat", "pad"])
+def test_output_does_not_depend_on_the_initial_guess(tiny_float64, init):
+    model, _ = tiny_float64
+    prompts = random_prompts((8, 3), seed=9)
+    result = jacobi_generate(model, prompts, n=8, max_new_tokens=20, init=init)
+    assert result.tokens == [hf_greedy(model, p, 20) for p in prompts]
+
+
+def test_converged_block_is_accepted_whole(tiny_float64):
+    """Feeding the AR continuation as the guess must accept it in one pass (the ideal CLLM)."""
+    model, _ = tiny_float64
+    (prompt,) = random_prompts((5,), seed=3)
+    continuation = hf_greedy(model, prompt, 8)
+    # Prompt = prompt + first token: the prefill then predicts continuation[1], the block's first token.
+    result = jacobi_generate(model, [prompt + continuation[:1]], n=4, max_new_tokens=4, init="pad")
+    assert result.tokens[0] == continuation[1:5]
+
+
+def test_accepted_lengths_formula():
+    block = torch.tensor([[5, 6, 7, 8], [5, 1, 7, 8], [5, 6, 0, 8]])
+    predictions = torch.tensor([[6, 7, 8, 9], [6, 7, 8, 9], [6, 7, 8, 9]])
+    # a = 1 + leading run of block[i] == predictions[i-1]
+    assert accepted_lengths(block, predictions).tolist() == [4, 1, 2]
+
+
+def test_max_new_tokens_zero_and_empty_batch(tiny_float64):
+    model, _ = tiny_float64
+    assert jacobi_generate(model, [[5, 6]], n=4, max_new_tokens=0).tokens == [[]]
+    assert jacobi_generate(model, [], n=4).tokens == []
+
+
+def test_lockstep_hook_keeps_making_passes_until_all_done(tiny_float64):
+    model, _ = tiny_float64
+    calls = []
+    handle = model.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        baseline = jacobi_generate(model, [[5, 6, 7]], n=4, max_new_tokens=6)
+        decode_passes = baseline.forward_passes[0]
+        calls.clear()
+        flags = []
+
+        def all_done(local_done: bool) -> bool:
+            flags.append(local_done)
+            return local_done and len(flags) > decode_passes + 3  # another "rank" needs 3 more passes
+
+        result = jacobi_generate(model, [[5, 6, 7]], n=4, max_new_tokens=6, all_done=all_done)
+    finally:
+        handle.remove()
+    assert result.tokens == baseline.tokens
+    assert len(calls) == 1 + decode_passes + 3  # prefill, own passes, 3 dummy passes
