@@ -1,0 +1,222 @@
+"""Trajectory records, JSONL shards and the dataset manifest.
+
+A dataset is a folder holding `manifest.json` and JSONL shards, one record per line and per block:
+
+    {"prompt_id": str, "block_index": int, "prompt_ids": [int], "prefix_ids": [int],
+     "states": [[int] * n, ...], "labels": [int] | null, "augmented_states": [[int] * n] (optional)}
+
+`states` runs from the initial guess to the fixed point (the last state); the context of a block is
+`prompt_ids + prefix_ids` (the fixed points of the earlier blocks). `augmented_states` are extra non-final
+states made by the optional augmentation (they have no "next state"). Every reader goes through
+`parse_record`, so a bad line is reported as `file:line: field 'x': what is wrong`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from cllm.errors import UserError
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+SHARD_PATTERN = "shard-{index:05d}.jsonl"
+
+
+@dataclass
+class Record:
+    """One block of one prompt: every state of its full-block Jacobi iteration (last = fixed point)."""
+
+    prompt_id: str
+    block_index: int
+    prompt_ids: list[int]
+    prefix_ids: list[int]
+    states: list[list[int]]
+    labels: list[int] | None = None
+    augmented_states: list[list[int]] = field(default_factory=list)
+
+    @property
+    def fixed_point(self) -> list[int]:
+        return self.states[-1]
+
+    @property
+    def context(self) -> list[int]:
+        return self.prompt_ids + self.prefix_ids
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        if not self.augmented_states:
+            del data["augmented_states"]
+        return json.dumps(data, separators=(",", ":"))
+
+
+def _int_list(value, where: str, name: str, length: int | None = None) -> list[int]:
+    if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise UserError(f"{where}: field {name!r} must be a list of integers")
+    if length is not None and len(value) != length:
+        raise UserError(f"{where}: field {name!r} has {len(value)} tokens, expected n = {length}")
+    return value
+
+
+def parse_record(line: str, where: str, n: int | None = None) -> Record:
+    """Parse and validate one JSONL line; `where` is `file:line` for messages; `n` checks every state's length."""
+    try:
+        data = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise UserError(f"{where}: malformed JSON ({err.msg} at column {err.colno})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{where}: expected a JSON object, got {type(data).__name__}")
+    for name in ("prompt_id", "block_index", "prompt_ids", "prefix_ids", "states"):
+        if name not in data:
+            raise UserError(f"{where}: field {name!r} is missing")
+    if not isinstance(data["prompt_id"], str):
+        raise UserError(f"{where}: field 'prompt_id' must be a string")
+    if not isinstance(data["block_index"], int) or data["block_index"] < 0:
+        raise UserError(f"{where}: field 'block_index' must be a non-negative integer")
+    states = data["states"]
+    if not isinstance(states, list) or not states:
+        raise UserError(f"{where}: field 'states' must be a non-empty list of token lists")
+    width = n if n is not None else (len(states[0]) if isinstance(states[0], list) else None)
+    states = [_int_list(state, where, f"states[{i}]", width) for i, state in enumerate(states)]
+    augmented = [
+        _int_list(state, where, f"augmented_states[{i}]", width)
+        for i, state in enumerate(_list_or_empty(data.get("augmented_states"), where, "augmented_states"))
+    ]
+    labels = data.get("labels")
+    return Record(
+        prompt_id=data["prompt_id"],
+        block_index=data["block_index"],
+        prompt_ids=_int_list(data["prompt_ids"], where, "prompt_ids"),
+        prefix_ids=_int_list(data["prefix_ids"], where, "prefix_ids"),
+        states=states,
+        labels=None if labels is None else _int_list(labels, where, "labels"),
+        augmented_states=augmented,
+    )
+
+
+def _list_or_empty(value, where: str, name: str) -> list:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise UserError(f"{where}: field {name!r} must be a list")
+    return value
+
+
+def iter_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, line) for the non-blank lines of a text file, read lazily."""
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if line.strip():
+                yield number, line
+
+
+def read_records(path: Path, n: int | None = None) -> Iterator[Record]:
+    """Stream the validated records of one shard."""
+    for number, line in iter_lines(path):
+        yield parse_record(line, f"{path}:{number}", n)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a file so that readers (and a killed writer) only ever see the old or the complete new content."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as out:
+            out.write(text)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
+def write_shard(path: Path, records: Iterable[Record]) -> int:
+    """Write records as one JSONL shard atomically; returns the record count."""
+    lines = [record.to_json() for record in records]
+    atomic_write_text(path, "".join(line + "\n" for line in lines))
+    return len(lines)
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def count_lines(path: Path) -> int:
+    return sum(1 for _ in iter_lines(path))
+
+
+def shard_entry(folder: Path, path: Path) -> dict:
+    """Manifest entry of one shard: relative file name, record count and sha256."""
+    return {"file": str(path.relative_to(folder)), "records": count_lines(path), "sha256": sha256_of(path)}
+
+
+def write_manifest(folder: Path, manifest: dict) -> Path:
+    manifest = {"format_version": FORMAT_VERSION, **manifest}
+    path = folder / MANIFEST_NAME
+    atomic_write_text(path, json.dumps(manifest, indent=2) + "\n")
+    return path
+
+
+def read_manifest(folder: str | Path) -> dict:
+    """Read and check `manifest.json` of a dataset folder (format version, n, shard list)."""
+    path = Path(folder) / MANIFEST_NAME
+    if not path.is_file():
+        raise UserError(f"{path} not found: not a trajectory dataset (collect one with `cllm trajectories`)")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}:{err.lineno}: malformed JSON ({err.msg})") from None
+    for key in ("format_version", "n", "tokenizer_fingerprint", "shards"):
+        if key not in manifest:
+            raise UserError(f"{path}: field {key!r} is missing")
+    if manifest["format_version"] != FORMAT_VERSION:
+        version = manifest["format_version"]
+        raise UserError(f"{path}: format_version {version} is not supported (expected {FORMAT_VERSION})")
+    for i, shard in enumerate(manifest["shards"]):
+        if not isinstance(shard, dict) or not {"file", "records"} <= set(shard):
+            raise UserError(f"{path}: field 'shards[{i}]' needs 'file' and 'records'")
+        if not (Path(folder) / shard["file"]).is_file():
+            raise UserError(f"{path}: field 'shards[{i}]': shard file {shard['file']} is missing")
+    return manifest
+
+
+def verify_checksums(folder: str | Path, manifest: dict) -> None:
+    """Compare every shard with its sha256 in the manifest (a full read; used by `cllm trajectories --verify`)."""
+    for i, shard in enumerate(manifest["shards"]):
+        actual = sha256_of(Path(folder) / shard["file"])
+        if shard.get("sha256") and actual != shard["sha256"]:
+            raise UserError(
+                f"{Path(folder) / MANIFEST_NAME}: shards[{i}] {shard['file']}: checksum {actual[:16]}... does not "
+                f"match the manifest ({shard['sha256'][:16]}...); the shard changed after collection"
+            )
+
+
+def check_tokenizer(manifest: dict, fingerprint: str, folder: str | Path, model: str) -> None:
+    """Training refuses data made with another tokenizer: token ids would mean different things."""
+    if manifest["tokenizer_fingerprint"] != fingerprint:
+        raise UserError(
+            f"{Path(folder) / MANIFEST_NAME}: tokenizer fingerprint {manifest['tokenizer_fingerprint']} "
+            f"(model {manifest.get('model', '?')!r}) differs from the tokenizer of model {model!r} ({fingerprint}); "
+            "collect the trajectories again with this model or train the model they were collected with"
+        )
+
+
+def longest_run(tokens: list[int]) -> int:
+    """Length of the longest run of one repeated token (cleaning drops fixed points with runs >= 10)."""
+    best = run = 0
+    previous = None
+    for token in tokens:
+        run = run + 1 if token == previous else 1
+        previous = token
+        best = max(best, run)
+    return best
