@@ -229,3 +229,24 @@ def model_fingerprint(model: torch.nn.Module, sample: int = 1024) -> str:
         digest.update(f"{name}:{tuple(tensor.shape)}".encode())
         digest.update(head.numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+def shard_fsdp2(model: PreTrainedModel, mesh, mp_policy=None, reshard_after_forward: bool = True) -> PreTrainedModel:
+    """FSDP2: `fully_shard` each decoder layer, then the root (embeddings, final norm, LM head, tied weights).
+
+    Decoder layers are found through the model's `_no_split_modules` (e.g. `LlamaDecoderLayer`), so any HF
+    causal LM works. Sharding per layer lets FSDP all-gather one layer at a time (memory ~ one layer unsharded).
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    layer_classes = set(getattr(model, "_no_split_modules", None) or [])
+    layers = [module for module in model.modules() if type(module).__name__ in layer_classes]
+    if not layers:
+        raise UserError(f"cannot shard {type(model).__name__}: no decoder layers found (_no_split_modules empty)")
+    kwargs = {"mesh": mesh, "reshard_after_forward": reshard_after_forward}
+    if mp_policy is not None:
+        kwargs["mp_policy"] = mp_policy
+    for layer in layers:
+        fully_shard(layer, **kwargs)
+    fully_shard(model, **kwargs)
+    return model

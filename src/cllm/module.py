@@ -1,0 +1,286 @@
+"""`CLLMModule`: consistency + AR training of a causal LM on Jacobi trajectories (Kou et al. 2024).
+
+    loss = consistency_weight * L_c + ar_weight * L_ar        (see `cllm.losses`)
+
+The model is built in `configure_model` (so Lightning can shard it): under `ModelParallelStrategy` it is sharded
+with FSDP2 (`cllm.models.shard_fsdp2`: each decoder layer, then the root) over the data-parallel mesh.
+
+Precision: master weights are float32 by default (`dtype`). bf16 compute comes from the Trainer's `precision:
+bf16-mixed` (autocast; works on CPU and GPU, with or without FSDP), or, under FSDP2, from `fsdp_param_dtype:
+bfloat16` (FSDP2 MixedPrecisionPolicy: bf16 all-gathers and compute, float32 gradient reduction; use it with
+Trainer precision `32-true`), which halves the all-gather traffic on GPUs.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+from lightning.pytorch import LightningModule
+
+from cllm import losses
+from cllm.errors import UserError
+from cllm.models import load_model, resolve_dtype, shard_fsdp2, tokenizer_fingerprint
+
+CONSISTENCY_KINDS = ("global", "local")
+AR_TARGETS = ("fixed_point", "labels")
+
+
+class CLLMModule(LightningModule):
+    """Fine-tunes `model` into a CLLM on batches of the TrajectoryDataModule.
+
+    Args:
+        model: model spec for `cllm.models.load_model` (`smollm2-135m`, a local HF folder, `tiny`, ...).
+        dtype: dtype of the master weights.
+        attn_implementation: `auto` (flash_attention_2 when available on CUDA, else sdpa), `sdpa`, `eager`, ...
+        n: Jacobi block size; None takes the data module's `n`.
+        consistency: `global` (target: the model on context + fixed point) or `local` (target: next state).
+        divergence: forward_kl, soft_ce or reverse_kl (see `cllm.losses.divergence`).
+        mask_before_mismatch: score only block positions whose input prefix differs from the target's.
+        consistency_weight: weight of L_c.
+        ar_weight: weight of L_ar (official CLLM: 10).
+        ar_target: `fixed_point` (NLL on context + y*, the model's own greedy output) or `labels` (ground truth;
+            needs `use_labels` in the data module).
+        ar_mask_prompt: exclude the prompt tokens from the AR loss.
+        label_smoothing: ε of the AR loss.
+        lr: peak learning rate of AdamW.
+        weight_decay: AdamW weight decay.
+        betas: AdamW betas.
+        warmup_ratio: fraction of the total optimizer steps with linear warmup; cosine decay afterwards.
+        min_lr_ratio: the cosine ends at lr * min_lr_ratio.
+        gradient_clip: clip the global gradient norm to this value (None: only measure it).
+        activation_checkpointing: recompute each decoder layer in backward (memory for compute).
+        fsdp_param_dtype: under FSDP2, the dtype of all-gathered parameters and compute (e.g. bfloat16).
+    """
+
+    def __init__(
+        self,
+        model: str = "smollm2-135m",
+        dtype: str = "float32",
+        attn_implementation: str = "auto",
+        n: int | None = None,
+        consistency: str = "global",
+        divergence: str = "forward_kl",
+        mask_before_mismatch: bool = False,
+        consistency_weight: float = 1.0,
+        ar_weight: float = 10.0,
+        ar_target: str = "fixed_point",
+        ar_mask_prompt: bool = False,
+        label_smoothing: float = 0.0,
+        lr: float = 2e-5,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_ratio: float = 0.03,
+        min_lr_ratio: float = 0.0,
+        gradient_clip: float | None = 1.0,
+        activation_checkpointing: bool = False,
+        fsdp_param_dtype: str | None = None,
+    ) -> None:
+        super().__init__()
+        if consistency not in CONSISTENCY_KINDS:
+            raise UserError(f"model.consistency must be one of {CONSISTENCY_KINDS}, not {consistency!r}")
+        if divergence not in losses.DIVERGENCES:
+            raise UserError(f"model.divergence must be one of {losses.DIVERGENCES}, not {divergence!r}")
+        if ar_target not in AR_TARGETS:
+            raise UserError(f"model.ar_target must be one of {AR_TARGETS}, not {ar_target!r}")
+        if consistency_weight == 0 and ar_weight == 0:
+            raise UserError("model.consistency_weight and model.ar_weight are both 0: nothing to train")
+        self.save_hyperparameters()
+        self.model = None
+        self.tokenizer = None
+        self.n = n
+        self._last_step_time: float | None = None
+
+    # ---------------------------------------------------------------- model
+    def configure_model(self) -> None:
+        if self.model is not None:  # called again for validate/test after fit, or after a restore
+            return
+        hp = self.hparams
+        model, tokenizer = load_model(hp.model, dtype=hp.dtype, attn_implementation=hp.attn_implementation)
+        self._check_tokenizer(tokenizer)
+        model.config.use_cache = False  # training never needs the KV cache; saves memory
+        model.train()  # load_model returns eval mode; Lightning keeps submodule modes as they are
+        if hp.activation_checkpointing:
+            # Non-reentrant checkpointing composes with FSDP2 (the all-gather is redone inside the recompute).
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        mesh = getattr(self, "_device_mesh", None)
+        if mesh is not None:
+            if "tensor_parallel" in mesh.mesh_dim_names and mesh["tensor_parallel"].size() > 1:
+                raise UserError(
+                    "tensor parallelism is not supported: set trainer.strategy.init_args.tensor_parallel_size=1 and "
+                    "data_parallel_size to the number of processes"
+                )
+            policy = None
+            if hp.fsdp_param_dtype is not None:
+                from torch.distributed.fsdp import MixedPrecisionPolicy
+
+                policy = MixedPrecisionPolicy(
+                    param_dtype=resolve_dtype(hp.fsdp_param_dtype), reduce_dtype=torch.float32
+                )
+            shard_fsdp2(model, mesh["data_parallel"], mp_policy=policy)
+        self.model = model
+        self.tokenizer = tokenizer
+
+    def _check_tokenizer(self, tokenizer) -> None:
+        """Refuse trajectories tokenized by another tokenizer: their ids would mean different text."""
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        data_tokenizer = getattr(datamodule, "tokenizer", None)
+        if data_tokenizer is None:
+            return
+        ours, theirs = tokenizer_fingerprint(tokenizer), tokenizer_fingerprint(data_tokenizer)
+        if ours != theirs:
+            where = getattr(datamodule, "path", "the data module")
+            raise UserError(
+                f"the trajectories in {where} were tokenized with tokenizer {theirs}, but model.model "
+                f"{self.hparams.model!r} has tokenizer {ours}; collect trajectories with this model or set "
+                "model.init_args.model to the model they were collected with"
+            )
+
+    def setup(self, stage: str) -> None:
+        if self.n is None:
+            datamodule = getattr(self.trainer, "datamodule", None)
+            self.n = getattr(datamodule, "n", None)
+        if self.n is None:
+            raise UserError("model.init_args.n is not set and the data module has no block size `n`")
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+    # ---------------------------------------------------------------- losses
+    def compute_losses(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The loss parts of one batch, with as few forward passes as the options allow.
+
+        Global consistency with the AR loss on the fixed point needs ONE forward pass with grad, over the student
+        input (ctx + s) and the AR input (ctx + y*) stacked into one batch of 2B rows. The global target
+        p_θ⁻(·|ctx, y*) is the same model at the same weights on the same input as the AR pass, so the AR pass's
+        logits, detached, are exactly the target: no separate no-grad pass is needed (the official trainer makes
+        three passes: student, target, AR). Local consistency adds one no-grad pass over ctx + s'; AR on labels adds
+        one pass with grad over the labels.
+        """
+        hp = self.hparams
+        mask = batch["attention_mask"]
+        use_consistency = hp.consistency_weight != 0
+        use_ar = hp.ar_weight != 0
+        ar_on_fixed_point = use_ar and hp.ar_target == "fixed_point"
+        need_fixed_point = ar_on_fixed_point or (use_consistency and hp.consistency == "global")
+        zero = batch["input_ids"].new_zeros((), dtype=torch.float32)
+
+        grad_inputs = ([batch["input_ids"]] if use_consistency else []) + (
+            [batch["fixed_point_ids"]] if need_fixed_point else []
+        )
+        logits = self(torch.cat(grad_inputs), torch.cat([mask] * len(grad_inputs))) if grad_inputs else None
+        rows = mask.shape[0]
+        student_logits = logits[:rows] if use_consistency else None
+        fixed_point_logits = logits[-rows:] if need_fixed_point else None
+
+        consistency = zero
+        if use_consistency:
+            if hp.consistency == "global":
+                target_logits, target_ids = fixed_point_logits.detach(), batch["fixed_point_ids"]
+            else:
+                if "next_state_ids" not in batch:
+                    raise UserError("model.consistency=local needs next_state_ids: set data.init_args.next_state=true")
+                with torch.no_grad():
+                    target_logits = self(batch["next_state_ids"], mask)
+                target_ids = batch["next_state_ids"]
+            consistency = losses.consistency_loss(
+                student_logits,
+                target_logits,
+                batch["block_start"],
+                self.n,
+                kind=hp.divergence,
+                state_ids=batch["input_ids"],
+                target_ids=target_ids,
+                mask_before_mismatch=hp.mask_before_mismatch,
+            )
+
+        ar = zero
+        prompt_length = batch["prompt_length"] if hp.ar_mask_prompt else None
+        if ar_on_fixed_point:
+            ar = losses.ar_loss(
+                fixed_point_logits,
+                batch["fixed_point_ids"],
+                mask,
+                prompt_length=prompt_length,
+                label_smoothing=hp.label_smoothing,
+            )
+        elif use_ar:
+            if "labels_ids" not in batch:
+                raise UserError("model.ar_target=labels needs labels_ids: set data.init_args.use_labels=true")
+            labels, labels_mask = batch["labels_ids"], batch["labels_attention_mask"]
+            label_logits = self(labels.clamp(min=0), labels_mask)  # -100 padding is masked; clamp keeps ids valid
+            ar = losses.ar_loss(
+                label_logits,
+                labels.clamp(min=0),
+                labels_mask * (labels != -100),
+                prompt_length=prompt_length,
+                label_smoothing=hp.label_smoothing,
+            )
+        total = losses.total_loss(consistency, ar, consistency_weight=hp.consistency_weight, ar_weight=hp.ar_weight)
+        return {"loss": total, "consistency_loss": consistency, "ar_loss": ar}
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        parts = self.compute_losses(batch)
+        self._stop_if_not_finite(parts["loss"], batch_idx)
+        rows = batch["input_ids"].shape[0]
+        for name, value in parts.items():
+            self.log(f"train/{name}", value, prog_bar=name == "loss", sync_dist=True, batch_size=rows)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=rows)
+        now = time.perf_counter()
+        if self._last_step_time is not None:
+            # real tokens in the student input, all ranks; the interval covers data loading, forward, backward, step
+            tokens = batch["attention_mask"].sum().item() * self.trainer.world_size
+            self.log("train/tokens_per_s", tokens / max(now - self._last_step_time, 1e-9), batch_size=rows)
+        self._last_step_time = now
+        return parts["loss"]
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        parts = self.compute_losses(batch)
+        rows = batch["input_ids"].shape[0]
+        for name, value in parts.items():
+            self.log(f"val/{name}", value, prog_bar=name == "loss", sync_dist=True, batch_size=rows)
+
+    def _stop_if_not_finite(self, loss: torch.Tensor, batch_idx: int) -> None:
+        # Every rank must take the same decision, or the finite ranks would hang in the next collective.
+        finite = bool(torch.isfinite(loss.detach()).item())
+        if self.trainer.strategy.reduce_boolean_decision(finite, all=True):
+            return
+        where = f"value {loss.item()}" if not finite else f"on another rank (this rank: {loss.item():.4g})"
+        raise UserError(
+            f"training loss is not finite ({where}) at global step {self.global_step}, batch index {batch_idx} "
+            f"(rank {self.global_rank}); lower model.init_args.lr, check the data, or use bf16-mixed not fp16"
+        )
+
+    # ---------------------------------------------------------------- optimization
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        max_norm = self.hparams.gradient_clip if self.hparams.gradient_clip is not None else math.inf
+        params = [p for p in self.parameters() if p.grad is not None]
+        if not params:
+            return
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm=max_norm)
+        if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor holding the partial norms of the shards
+            norm = norm.full_tensor()
+        self.log("train/grad_norm", norm.float())
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        optimizer = torch.optim.AdamW(self.parameters(), lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay)
+        total = self.trainer.estimated_stepping_batches
+        if not math.isfinite(total) or total <= 0:
+            raise UserError(
+                "cannot size the cosine schedule: the number of training steps is unknown; set trainer.max_steps"
+            )
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine(step, int(total), hp.warmup_ratio, hp.min_lr_ratio)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def warmup_cosine(step: int, total_steps: int, warmup_ratio: float, min_ratio: float = 0.0) -> float:
+    """LR factor: linear warmup over ceil(warmup_ratio * total) steps, then cosine from 1 to `min_ratio` at total."""
+    warmup = math.ceil(warmup_ratio * total_steps)
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min((step - warmup) / max(total_steps - warmup, 1), 1.0)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))

@@ -1,0 +1,59 @@
+"""A hand-built stand-in for the TrajectoryDataModule (same batch contract), for fast deterministic tests.
+
+Every row has the same length (prompt of `prompt_length` tokens + one n-token block, no padding), so a global batch
+split over ranks has the same number of scored tokens on each rank: the 2-process mean loss equals the 1-process one.
+"""
+
+from __future__ import annotations
+
+import torch
+from cllm.data_modules.prompts import Prompt
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader
+
+from cllm.models import build_tiny_tokenizer
+
+
+class FakeTrajectoryData(LightningDataModule):
+    def __init__(
+        self,
+        n: int = 4,
+        rows: int = 16,
+        prompt_length: int = 6,
+        batch_size: int = 4,
+        seed: int = 0,
+        val_prompts: int = 3,
+        val_rows: int = 4,
+    ) -> None:
+        super().__init__()
+        self.n, self.batch_size, self.num_val_prompts = n, batch_size, val_prompts
+        self.tokenizer = build_tiny_tokenizer()
+        self.chat_template = False
+        generator = torch.Generator().manual_seed(seed)
+        self.records = [self._record(prompt_length, generator) for _ in range(rows)]
+        self.val_records = [self._record(prompt_length, generator) for _ in range(val_rows)]
+
+    def _record(self, prompt_length: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        prompt = torch.randint(3, 200, (prompt_length,), generator=generator)
+        fixed_point = torch.randint(3, 200, (self.n,), generator=generator)
+        state = fixed_point.clone()
+        state[2:] = torch.randint(3, 200, (self.n - 2,), generator=generator)  # first tokens already right
+        next_state = torch.where(torch.rand(self.n, generator=generator) < 0.5, fixed_point, state)
+        return {
+            "input_ids": torch.cat([prompt, state]),
+            "fixed_point_ids": torch.cat([prompt, fixed_point]),
+            "next_state_ids": torch.cat([prompt, next_state]),
+            "attention_mask": torch.ones(prompt_length + self.n, dtype=torch.long),
+            "block_start": torch.tensor(prompt_length),
+            "prompt_length": torch.tensor(prompt_length),
+        }
+
+    def validation_prompts(self) -> list[Prompt]:
+        texts = ["def add(a, b):", "import os\n", "for i in range(10):", "class A:", "x = [1, 2"]
+        return [Prompt(f"p{i}", texts[i % len(texts)]) for i in range(self.num_val_prompts)]
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.records, batch_size=self.batch_size, shuffle=False)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_records, batch_size=self.batch_size, shuffle=False)
