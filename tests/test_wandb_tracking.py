@@ -102,7 +102,8 @@ def _write_config(folder: Path, logger: str) -> Path:
         "model: {class_path: test_wandb_tracking.LoggingBoringModel}\n"
         "data: {class_path: lightning.pytorch.demos.boring_classes.BoringDataModule}\n"
         "trainer:\n"
-        "  max_epochs: 1\n  limit_train_batches: 3\n  limit_val_batches: 1\n  log_every_n_steps: 1\n  accelerator: cpu\n  devices: 1\n"
+        "  max_epochs: 1\n  limit_train_batches: 3\n  limit_val_batches: 1\n  log_every_n_steps: 1\n"
+        "  accelerator: cpu\n  devices: 1\n"
         "  enable_progress_bar: false\n  enable_model_summary: false\n"
         f"  logger: {logger}\n"
     )
