@@ -1,0 +1,412 @@
+"""`TrajectoryDataModule`: streams trajectory shards into (context, state, fixed point) training batches.
+
+Records are never loaded whole: each (rank, dataloader worker) pair reads the shards line by line and keeps the
+records whose global index i satisfies i % consumers == consumer, so every record is seen exactly once per
+epoch. A shuffle buffer (seeded by seed and epoch) mixes them. With `even_batches` every consumer yields the
+same number of full batches (a few samples repeated, counted) so ranks never wait on each other at an epoch's
+end; that count comes from one scan of the shards in `setup`, which also validates every line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from array import array
+from collections.abc import Iterator
+from functools import partial
+from pathlib import Path
+
+import torch
+from cllm.data_modules.prompts import Prompt, load_prompts
+from cllm.data_modules.records import Record, check_tokenizer, iter_lines, parse_record, read_manifest
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from cllm.errors import UserError
+
+STATE_STRATEGIES = ("uniform", "all", "noise")
+
+
+def is_validation(prompt_id: str, val_fraction: float) -> bool:
+    """Held-out split by a hash of the prompt id: all blocks of a prompt land on the same side."""
+    value = int.from_bytes(hashlib.sha256(prompt_id.encode()).digest()[:8], "big") / 2**64
+    return value < val_fraction
+
+
+def candidate_states(record: Record, next_state: bool) -> list[tuple[list[int], list[int] | None]]:
+    """Non-final states with their next state; augmented states have no next state, so only without it."""
+    pairs = [(record.states[i], record.states[i + 1]) for i in range(len(record.states) - 1)]
+    if not next_state:
+        pairs += [(state, None) for state in record.augmented_states]
+    return pairs
+
+
+def noise_ratio(state: list[int], fixed_point: list[int]) -> float:
+    return sum(a != b for a, b in zip(state, fixed_point)) / max(len(fixed_point), 1)
+
+
+def pick_states(record: Record, strategy: str, next_state: bool, rng: random.Random) -> list[tuple]:
+    """`uniform`: one non-final state uniformly (official); `all`: every one; `noise`: the state whose noise
+    ratio (share of tokens differing from the fixed point) is nearest to r ~ U(0, 1)."""
+    pairs = candidate_states(record, next_state)
+    if not pairs or strategy == "all":
+        return pairs
+    if strategy == "uniform":
+        return [pairs[rng.randrange(len(pairs))]]
+    target = rng.random()
+    return [min(pairs, key=lambda pair: abs(noise_ratio(pair[0], record.fixed_point) - target))]
+
+
+def samples_per_record(record: Record, strategy: str, next_state: bool) -> int:
+    count = len(candidate_states(record, next_state))
+    return count if strategy == "all" else min(count, 1)
+
+
+class TrajectoryStream(IterableDataset):
+    """The samples of one split for one rank, spread over this rank's dataloader workers."""
+
+    def __init__(
+        self,
+        folder: Path,
+        shards: list[dict],
+        *,
+        n: int,
+        validation: bool,
+        val_fraction: float,
+        strategy: str = "uniform",
+        next_state: bool = False,
+        shuffle: bool = True,
+        shuffle_buffer: int = 1000,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        samples_per_line: array | None = None,
+        batch_size: int = 1,
+    ) -> None:
+        self.folder, self.shards, self.n = Path(folder), shards, n
+        self.validation, self.val_fraction = validation, val_fraction
+        self.strategy, self.next_state = strategy, next_state
+        self.shuffle, self.shuffle_buffer, self.seed = shuffle, shuffle_buffer, seed
+        self.rank, self.world_size = rank, world_size
+        self.samples_per_line = samples_per_line  # per global line: samples of this split (None: no evening)
+        self.batch_size = batch_size
+        self.epoch = 0
+        self.repeated_samples = 0
+
+    def consumer(self) -> tuple[int, int, int]:
+        info = get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info else (1, 0)
+        return self.rank * workers + worker, self.world_size * workers, workers
+
+    def target_samples(self, consumers: int) -> int:
+        """Samples every consumer yields with evening: the largest share, rounded up to full batches."""
+        counts = [sum(self.samples_per_line[c::consumers]) for c in range(consumers)]
+        return -(-max(counts) // self.batch_size) * self.batch_size
+
+    def __len__(self) -> int:
+        if self.samples_per_line is None:
+            raise TypeError("length is known only with even batches")
+        info = get_worker_info()
+        workers = info.num_workers if info else getattr(self, "num_workers", 1)
+        return workers * self.target_samples(self.world_size * workers)
+
+    def records(self, consumer: int, consumers: int) -> Iterator[tuple[int, Record]]:
+        """(global index, record) of this consumer's share, shards in a per-epoch order when shuffling."""
+        offsets, total = [], 0
+        for shard in self.shards:
+            offsets.append(total)
+            total += shard["records"]
+        order = list(range(len(self.shards)))
+        if self.shuffle:
+            random.Random(f"{self.seed}/{self.epoch}/shards").shuffle(order)
+        for s in order:
+            path = self.folder / self.shards[s]["file"]
+            for position, (number, line) in enumerate(iter_lines(path)):
+                index = offsets[s] + position
+                if index % consumers != consumer:
+                    continue  # another rank/worker's record: skipped before parsing
+                record = parse_record(line, f"{path}:{number}", self.n)
+                if is_validation(record.prompt_id, self.val_fraction) == self.validation:
+                    yield index, record
+
+    def samples(self, consumer: int, consumers: int) -> Iterator[dict]:
+        for index, record in self.records(consumer, consumers):
+            rng = random.Random(f"{self.seed}/{self.epoch}/{index}")
+            for state, next_state in pick_states(record, self.strategy, self.next_state, rng):
+                yield {"record": record, "state": state, "next_state": next_state, "index": index}
+
+    def __iter__(self) -> Iterator[dict]:
+        consumer, consumers, _ = self.consumer()
+        stream = self.samples(consumer, consumers)
+        if self.shuffle and self.shuffle_buffer > 1:
+            stream = shuffled(stream, self.shuffle_buffer, random.Random(f"{self.seed}/{self.epoch}/{consumer}"))
+        if self.samples_per_line is None:
+            yield from stream
+            return
+        target, first, count = self.target_samples(consumers), [], 0
+        for sample in stream:
+            count += 1
+            if len(first) < self.batch_size * 2:
+                first.append(sample)
+            yield sample
+        # Even batches: fill up with repeats of the first samples, so all consumers yield `target` samples.
+        for i in range(target - count):
+            self.repeated_samples += 1
+            yield first[i % len(first)]
+
+
+def shuffled(stream: Iterator, size: int, rng: random.Random) -> Iterator:
+    """Buffer shuffle: keep `size` items, emit a random one as each new item arrives (memory bounded by size)."""
+    buffer = []
+    for item in stream:
+        if len(buffer) < size:
+            buffer.append(item)
+            continue
+        slot = rng.randrange(size)
+        yield buffer[slot]
+        buffer[slot] = item
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+def collate(samples: list[dict], *, pad_id: int, n: int, max_length: int, next_state: bool, use_labels: bool) -> dict:
+    """Right-padded batch sharing one attention mask (see docs/data.md for the contract)."""
+    keep = max_length - n  # context budget: over-long contexts lose their oldest tokens
+    contexts, prompt_lengths = [], []
+    for sample in samples:
+        record = sample["record"]
+        context = record.context
+        cut = max(len(context) - keep, 0)
+        contexts.append(context[cut:])
+        prompt_lengths.append(max(len(record.prompt_ids) - cut, 0))
+    width = max(len(c) for c in contexts) + n
+    batch_size = len(samples)
+    input_ids = torch.full((batch_size, width), pad_id, dtype=torch.long)
+    fixed_point_ids = torch.full_like(input_ids, pad_id)
+    attention_mask = torch.zeros_like(input_ids)
+    next_state_ids = torch.full_like(input_ids, pad_id) if next_state else None
+    for row, (sample, context) in enumerate(zip(samples, contexts)):
+        length = len(context)
+        input_ids[row, : length + n] = torch.tensor(context + sample["state"])
+        fixed_point_ids[row, : length + n] = torch.tensor(context + sample["record"].fixed_point)
+        attention_mask[row, : length + n] = 1
+        if next_state_ids is not None:
+            next_state_ids[row, : length + n] = torch.tensor(context + sample["next_state"])
+    batch = {
+        "input_ids": input_ids,
+        "fixed_point_ids": fixed_point_ids,
+        "attention_mask": attention_mask,
+        "block_start": torch.tensor([len(c) for c in contexts], dtype=torch.long),
+        "prompt_length": torch.tensor(prompt_lengths, dtype=torch.long),
+    }
+    if next_state_ids is not None:
+        batch["next_state_ids"] = next_state_ids
+    if use_labels:
+        labels = []
+        for sample in samples:
+            record = sample["record"]
+            if record.labels is None:
+                raise UserError(f"use_labels is on but record {record.prompt_id!r} block {record.block_index} has none")
+            labels.append((record.prompt_ids + record.labels)[-max_length:])
+        span = max(len(label) for label in labels)
+        batch["labels_ids"] = torch.full((batch_size, span), -100, dtype=torch.long)
+        batch["labels_attention_mask"] = torch.zeros((batch_size, span), dtype=torch.long)
+        for row, label in enumerate(labels):
+            batch["labels_ids"][row, : len(label)] = torch.tensor(label)
+            batch["labels_attention_mask"][row, : len(label)] = 1
+    return batch
+
+
+class EpochDataLoader(DataLoader):
+    """Tells the stream which epoch starts (for its shuffle) each time an epoch's iteration begins."""
+
+    epoch_fn = None
+
+    def __iter__(self):
+        dataset = self.dataset
+        dataset.epoch = self.epoch_fn() if self.epoch_fn is not None else dataset.epoch + int(self._started)
+        self._started = True
+        return super().__iter__()
+
+    _started = False
+
+
+class TrajectoryDataModule(LightningDataModule):
+    """Trajectory batches for CLLM training; collects the dataset first when `path` holds none.
+
+    Args:
+        path: dataset folder (manifest.json + shards); relative paths are relative to the current folder.
+        model: model spec: its tokenizer pads and is checked against the manifest; its model collects.
+        prompts: prompt source used when collecting.
+        val_prompts: held-out prompts the accepted-tokens callback decodes (`validation_prompts()`).
+        val_prompt_limit: use only the first K validation prompts.
+        chat_template: apply the tokenizer's chat template to prompts (collection and validation prompts).
+        n: block size; must match the dataset's.
+        max_new_tokens: generated tokens per prompt when collecting.
+        prompt_limit: collect only the first K prompts.
+        collect_batch_size: prompts per forward pass when collecting.
+        collect_dtype: model dtype when collecting.
+        batch_size: samples per training batch.
+        num_workers: dataloader worker processes per rank.
+        shuffle_buffer: size of the shuffle buffer (memory bound of the stream).
+        seed: seed of shuffling and state picking (combined with the epoch).
+        state_strategy: `uniform` over non-final states (official), `all` (one sample per state), `noise`.
+        next_state: also collate the next state (local consistency loss); augmented states are then unused.
+        use_labels: also collate ground-truth labels (prompt + answer ids).
+        max_length: contexts longer than max_length - n are truncated from the left (counted, warned).
+        val_fraction: share of prompts (by prompt id hash) whose records form the validation dataloader.
+        even_batches: every rank and worker yields the same number of full batches (a few samples repeated).
+    """
+
+    def __init__(
+        self,
+        path: str,
+        model: str,
+        prompts: str = "stdlib-code:train",
+        val_prompts: str = "stdlib-code:validation",
+        val_prompt_limit: int | None = 16,
+        chat_template: bool = True,
+        n: int = 16,
+        max_new_tokens: int = 256,
+        prompt_limit: int | None = None,
+        collect_batch_size: int = 8,
+        collect_dtype: str = "float32",
+        batch_size: int = 4,
+        num_workers: int = 0,
+        shuffle_buffer: int = 1000,
+        seed: int = 0,
+        state_strategy: str = "uniform",
+        next_state: bool = False,
+        use_labels: bool = False,
+        max_length: int = 1024,
+        val_fraction: float = 0.05,
+        even_batches: bool = True,
+    ) -> None:
+        super().__init__()
+        if state_strategy not in STATE_STRATEGIES:
+            raise UserError(f"state_strategy {state_strategy!r} is not one of {STATE_STRATEGIES}")
+        if max_length <= n:
+            raise UserError(f"max_length ({max_length}) must be larger than the block size n ({n})")
+        self.save_hyperparameters()
+        self.path, self.model, self.n, self.chat_template = Path(path), model, n, chat_template
+        self.tokenizer = None
+        self.manifest: dict | None = None
+        self._samples: dict[bool, array] = {}
+
+    def prepare_data(self) -> None:
+        """Collect the trajectories (one process, batched) when the folder has no manifest yet."""
+        if (self.path / "manifest.json").is_file():
+            return
+        from cllm.trajectory import CollectConfig, run_collection
+
+        h = self.hparams
+        rank_zero_info(f"{self.path} has no manifest.json: collecting trajectories of {h.model} on {h.prompts}")
+        run_collection(
+            CollectConfig(
+                model=h.model,
+                prompts=h.prompts,
+                output=str(self.path),
+                n=h.n,
+                max_new_tokens=h.max_new_tokens,
+                batch_size=h.collect_batch_size,
+                limit=h.prompt_limit,
+                dtype=h.collect_dtype,
+                seed=h.seed,
+                chat_template=h.chat_template,
+                labels=h.use_labels,
+            )
+        )
+
+    def setup(self, stage: str | None = None) -> None:
+        from cllm.models import tokenizer_fingerprint
+        from cllm.trajectory import load_tokenizer
+
+        if self.manifest is not None:
+            return
+        self.tokenizer = load_tokenizer(self.model)
+        manifest = read_manifest(self.path)
+        check_tokenizer(manifest, tokenizer_fingerprint(self.tokenizer), self.path, self.model)
+        if manifest["n"] != self.n:
+            raise UserError(
+                f"{self.path / 'manifest.json'}: the dataset has block size n={manifest['n']}, "
+                f"the data module n={self.n}; set data.init_args.n: {manifest['n']}"
+            )
+        self.manifest = manifest
+        self._scan()
+
+    def _scan(self) -> None:
+        """One pass over every line: validates it, counts samples per split, counts over-long contexts."""
+        h = self.hparams
+        self._samples = {False: array("H"), True: array("H")}  # 2 bytes per record and split: fine at 10^8
+        truncated = total = 0
+        for shard in self.manifest["shards"]:
+            path = self.path / shard["file"]
+            lines = 0
+            for number, line in iter_lines(path):
+                record = parse_record(line, f"{path}:{number}", self.n)
+                held_out = is_validation(record.prompt_id, h.val_fraction)
+                count = samples_per_record(record, h.state_strategy, h.next_state)
+                self._samples[held_out].append(count)
+                self._samples[not held_out].append(0)
+                truncated += len(record.context) > h.max_length - self.n
+                total += 1
+                lines += 1
+            if lines != shard["records"]:
+                raise UserError(f"{path}: {lines} records, the manifest says {shard['records']}; the shard changed")
+        if truncated:
+            rank_zero_warn(
+                f"{truncated} of {total} records have contexts longer than max_length - n = {h.max_length - self.n} "
+                "tokens; their oldest tokens are dropped"
+            )
+        self.truncated_records = truncated
+
+    def _loader(self, validation: bool) -> DataLoader:
+        h = self.hparams
+        trainer = getattr(self, "trainer", None)
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        stream = TrajectoryStream(
+            self.path,
+            self.manifest["shards"],
+            n=self.n,
+            validation=validation,
+            val_fraction=h.val_fraction,
+            strategy=h.state_strategy,
+            next_state=h.next_state,
+            shuffle=not validation,
+            shuffle_buffer=h.shuffle_buffer,
+            seed=h.seed,
+            rank=rank,
+            world_size=world,
+            samples_per_line=self._samples[validation] if h.even_batches else None,
+            batch_size=h.batch_size,
+        )
+        stream.num_workers = max(h.num_workers, 1)
+        loader = EpochDataLoader(
+            stream,
+            batch_size=h.batch_size,
+            num_workers=h.num_workers,
+            collate_fn=partial(
+                collate,
+                pad_id=self.tokenizer.pad_token_id or 0,
+                n=self.n,
+                max_length=h.max_length,
+                next_state=h.next_state,
+                use_labels=h.use_labels,
+            ),
+        )
+        if trainer is not None and not validation:
+            loader.epoch_fn = lambda: self.trainer.current_epoch
+        return loader
+
+    def train_dataloader(self) -> DataLoader:
+        if not any(self._samples[False]):
+            raise UserError(f"{self.path}: no training samples (every record held out or without non-final states)")
+        return self._loader(validation=False)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(validation=True)
+
+    def validation_prompts(self) -> list[Prompt]:
+        """The held-out prompts the accepted-tokens callback Jacobi-decodes."""
+        return load_prompts(self.hparams.val_prompts, limit=self.hparams.val_prompt_limit)

@@ -1,0 +1,173 @@
+"""TrajectoryDataModule: collation contract, exactly-once streaming over ranks x workers, bad input, collect-on-fit."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+import torch
+from cllm.data_modules.records import Record, write_manifest, write_shard
+from cllm.data_modules.trajectory_data import TrajectoryDataModule, TrajectoryStream, collate, pick_states
+
+from cllm.errors import UserError
+from cllm.models import build_tiny_tokenizer, tokenizer_fingerprint
+
+N = 3
+
+
+def make_dataset(folder, records_per_shard=(7, 5, 9), n=N, fingerprint=None) -> list[Record]:
+    """Synthetic dataset: record k has 1 + k % 3 non-final states; prompt ids p0..p20."""
+    shards, all_records, k = [], [], 0
+    for s, count in enumerate(records_per_shard):
+        records = []
+        for _ in range(count):
+            states = [[k, j, 7][:n] + [0] * (n - 3) for j in range(1 + k % 3)] + [[9] * n]
+            records.append(Record(f"p{k}", 0, [1, 5, 6], [], states, labels=[4, 2]))
+            k += 1
+        write_shard(folder / f"shard-{s:05d}.jsonl", records)
+        shards.append({"file": f"shard-{s:05d}.jsonl", "records": count})
+        all_records += records
+    fingerprint = fingerprint or tokenizer_fingerprint(build_tiny_tokenizer())
+    write_manifest(folder, {"model": "tiny", "tokenizer_fingerprint": fingerprint, "n": n, "shards": shards})
+    return all_records
+
+
+def test_collate_pads_right_and_truncates_context_from_the_left():
+    record = Record("a", 1, [1, 10, 11], [20, 21, 22], [[30, 31, 32], [30, 33, 34], [30, 33, 35]], labels=[40, 2])
+    short = Record("b", 0, [1, 12], [], [[50, 51, 52], [50, 53, 54]], labels=[41])
+    samples = [
+        {"record": record, "state": record.states[0], "next_state": record.states[1]},
+        {"record": short, "state": short.states[0], "next_state": short.states[1]},
+    ]
+    batch = collate(samples, pad_id=0, n=3, max_length=8, next_state=True, use_labels=True)
+    # record: context of 6 tokens, budget max_length - n = 5 -> the first prompt token is cut.
+    assert batch["input_ids"].tolist() == [[10, 11, 20, 21, 22, 30, 31, 32], [1, 12, 50, 51, 52, 0, 0, 0]]
+    assert batch["fixed_point_ids"].tolist() == [[10, 11, 20, 21, 22, 30, 33, 35], [1, 12, 50, 53, 54, 0, 0, 0]]
+    assert batch["next_state_ids"].tolist() == [[10, 11, 20, 21, 22, 30, 33, 34], [1, 12, 50, 53, 54, 0, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1] * 8, [1] * 5 + [0] * 3]
+    assert batch["block_start"].tolist() == [5, 2] and batch["prompt_length"].tolist() == [2, 2]
+    assert batch["labels_ids"].tolist() == [[1, 10, 11, 40, 2], [1, 12, 41, -100, -100]]
+    assert batch["labels_attention_mask"].tolist() == [[1] * 5, [1, 1, 1, 0, 0]]
+    assert all(t.dtype == torch.long for t in batch.values())
+
+
+def test_state_strategies():
+    record = Record("a", 0, [1], [], [[5, 5], [6, 5], [6, 7]], augmented_states=[[5, 7]])
+    import random
+
+    assert len(pick_states(record, "all", False, random.Random(0))) == 3
+    assert len(pick_states(record, "all", True, random.Random(0))) == 2  # augmented states have no next state
+    picks = Counter(tuple(pick_states(record, "uniform", False, random.Random(i))[0][0]) for i in range(300))
+    assert set(picks) == {(5, 5), (6, 5), (5, 7)} and min(picks.values()) > 60
+    assert pick_states(Record("b", 0, [1], [], [[3, 3]]), "uniform", False, random.Random(0)) == []
+
+
+@pytest.mark.parametrize("even", [False, True])
+def test_two_ranks_two_workers_see_every_record_once(tmp_path, even):
+    records = make_dataset(tmp_path)
+    seen = Counter()
+    batches = []
+    for rank in range(2):
+        dm = TrajectoryDataModule(str(tmp_path), "tiny", n=N, batch_size=2, num_workers=2, val_fraction=0.0)
+        dm.hparams.even_batches = even
+        dm.setup()
+        loader = dm._loader(validation=False)
+        loader.dataset.rank, loader.dataset.world_size = rank, 2
+        count = 0
+        for batch in loader:
+            count += 1
+            for row in batch["input_ids"].tolist():
+                seen[row[3]] += 1  # first state token = record number k
+        batches.append(count)
+    if even:
+        assert batches[0] == batches[1] == len(loader)
+        assert set(seen) == set(range(len(records))) and sum(seen.values()) >= len(records)
+    else:
+        assert seen == Counter(range(len(records)))
+
+
+def test_epochs_reshuffle_and_validation_is_held_out(tmp_path):
+    make_dataset(tmp_path)
+    dm = TrajectoryDataModule(str(tmp_path), "tiny", n=N, batch_size=4, val_fraction=0.3, shuffle_buffer=8)
+    dm.setup()
+    loader = dm.train_dataloader()
+    orders = [[row[3] for batch in loader for row in batch["input_ids"].tolist()] for _ in range(2)]
+    assert orders[0] != orders[1] and set(orders[0]) == set(orders[1])  # repeats (even batches) may differ
+    val = [row[3] for batch in dm.val_dataloader() for row in batch["input_ids"].tolist()]
+    assert val and not set(val) & set(orders[0])
+
+
+def test_manifest_with_another_tokenizer_is_refused(tmp_path):
+    make_dataset(tmp_path, fingerprint="0123456789abcdef")
+    dm = TrajectoryDataModule(str(tmp_path), "tiny", n=N)
+    with pytest.raises(UserError) as err:
+        dm.setup()
+    assert "0123456789abcdef" in str(err.value) and tokenizer_fingerprint(build_tiny_tokenizer()) in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("{not json", "shard-00000.jsonl:2: malformed JSON"),
+        (json.dumps({"prompt_id": "x", "block_index": 0, "prompt_ids": [1], "prefix_ids": []}), "2: field 'states'"),
+        (
+            json.dumps({"prompt_id": "x", "block_index": 0, "prompt_ids": [1], "prefix_ids": [], "states": [[1, 2]]}),
+            "shard-00000.jsonl:2: field 'states[0]' has 2 tokens, expected n = 3",
+        ),
+    ],
+)
+def test_bad_lines_are_reported_with_file_line_and_field(tmp_path, line, message):
+    make_dataset(tmp_path, records_per_shard=(3,))
+    shard = tmp_path / "shard-00000.jsonl"
+    lines = shard.read_text().splitlines()
+    lines[1] = line
+    shard.write_text("\n".join(lines) + "\n")
+    with pytest.raises(UserError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        TrajectoryDataModule(str(tmp_path), "tiny", n=N).setup()
+
+
+def test_fit_from_nothing_collects_then_streams(tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"q{i}", "prompt": f"x = {i}"}) + "\n" for i in range(4)))
+    folder = tmp_path / "data"
+    dm = TrajectoryDataModule(
+        str(folder),
+        "tiny",
+        prompts=str(prompts),
+        n=4,
+        max_new_tokens=8,
+        batch_size=3,
+        val_fraction=0.0,
+        collect_dtype="float64",
+        next_state=True,
+    )
+    dm.prepare_data()
+    dm.setup()
+    assert dm.tokenizer is not None and dm.n == 4
+    batch = next(iter(dm.train_dataloader()))
+    assert set(batch) == {
+        "input_ids",
+        "fixed_point_ids",
+        "next_state_ids",
+        "attention_mask",
+        "block_start",
+        "prompt_length",
+    }
+    for row in range(batch["input_ids"].shape[0]):
+        start = int(batch["block_start"][row])
+        assert torch.equal(batch["input_ids"][row, :start], batch["fixed_point_ids"][row, :start])
+        assert batch["attention_mask"][row, : start + 4].all() and not batch["attention_mask"][row, start + 4 :].any()
+
+
+def test_stream_without_trainer_is_a_plain_iterable(tmp_path):
+    records = make_dataset(tmp_path)
+    stream = TrajectoryStream(
+        tmp_path,
+        json.loads((tmp_path / "manifest.json").read_text())["shards"],
+        n=N,
+        validation=False,
+        val_fraction=0.0,
+        shuffle=False,
+    )
+    assert [s["record"].prompt_id for s in stream] == [r.prompt_id for r in records]
