@@ -1,8 +1,9 @@
-"""Prompt sources: `.jsonl` files and bundled offline sets, and the one way prompts become token ids.
+"""Prompt sources: `.jsonl`/`.parquet` files, saved HF datasets, bundled offline sets; the one way prompts become ids.
 
-A source string is either a path (`prompts.jsonl`) or a bundled set name, optionally with a split:
-`humaneval`, `stdlib-code:train`. `encode_prompt` applies the chat template when the tokenizer has one
-(unless turned off), and every stage (collection, training, validation, benchmark) goes through it.
+A source string is a path (`prompts.jsonl`, `prompts.parquet`, a `save_to_disk` folder, `FOLDER:SPLIT`) or a
+bundled set name, optionally with a split: `humaneval`, `stdlib-code:train` (see `stdlib_code.py`).
+`encode_prompt` applies the chat template when the tokenizer has one (unless turned off), and every stage
+(collection, training, validation, benchmark) goes through it.
 """
 
 from __future__ import annotations
@@ -60,12 +61,22 @@ def load_prompts(
 
 
 def read_prompt_file(path: Path, *, prompt_field: str = "prompt", answer_field: str | None = None) -> list[Prompt]:
-    """Read a `.jsonl` file: one JSON object per line with a string `prompt_field` (and optional answer)."""
+    """Read prompts from a `.jsonl` file, a `.parquet` file or a saved Hugging Face dataset folder
+    (`datasets.save_to_disk`; `FOLDER:SPLIT` picks a split of a DatasetDict)."""
+    folder, _, split = str(path).rpartition(":")
+    if not path.exists() and folder and Path(folder).is_dir():
+        return _read_hf_folder(Path(folder), split, prompt_field, answer_field)
+    if path.is_dir():
+        return _read_hf_folder(path, None, prompt_field, answer_field)
     if not path.is_file():
         known = ", ".join(sorted(BUNDLED))
         raise UserError(f"prompt file not found: {path} (bundled prompt sets: {known})")
+    if path.suffix == ".parquet":
+        return _read_parquet(path, prompt_field, answer_field)
     if path.suffix != ".jsonl":
-        raise UserError(f"{path}: unsupported prompt file type {path.suffix!r}; use .jsonl")
+        raise UserError(
+            f"{path}: unsupported prompt file type {path.suffix!r}; use .jsonl, .parquet or a dataset folder"
+        )
     prompts = []
     with open(path, encoding="utf-8") as handle:
         for line_number, line in enumerate(handle, start=1):
@@ -75,17 +86,62 @@ def read_prompt_file(path: Path, *, prompt_field: str = "prompt", answer_field: 
                 record = json.loads(line)
             except json.JSONDecodeError as err:
                 raise UserError(f"{path}:{line_number}: malformed JSON ({err.msg})") from None
-            if not isinstance(record, dict):
-                raise UserError(f"{path}:{line_number}: expected a JSON object, got {type(record).__name__}")
-            text = record.get(prompt_field)
-            if not isinstance(text, str):
-                raise UserError(f"{path}:{line_number}: field {prompt_field!r} missing or not a string")
-            answer = record.get(answer_field) if answer_field else None
-            if answer_field and not isinstance(answer, str):
-                raise UserError(f"{path}:{line_number}: field {answer_field!r} missing or not a string")
-            prompt_id = str(record.get("id", f"{path.stem}/{line_number}"))
-            prompts.append(Prompt(prompt_id, text, answer, meta=record))
+            prompts.append(
+                prompt_from_row(
+                    record, f"{path}:{line_number}", f"{path.stem}/{line_number}", prompt_field, answer_field
+                )
+            )
     return prompts
+
+
+def prompt_from_row(row, where: str, default_id: str, prompt_field: str, answer_field: str | None) -> Prompt:
+    """One prompt from a row of any source; `where` (file:line or file:row) names the row in errors."""
+    if not isinstance(row, dict):
+        raise UserError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    text = row.get(prompt_field)
+    if not isinstance(text, str):
+        raise UserError(f"{where}: field {prompt_field!r} missing or not a string")
+    answer = row.get(answer_field) if answer_field else None
+    if answer_field and not isinstance(answer, str):
+        raise UserError(f"{where}: field {answer_field!r} missing or not a string")
+    prompt_id = str(row["id"]) if row.get("id") is not None else default_id
+    return Prompt(prompt_id, text, answer, meta=row)
+
+
+def _read_parquet(path: Path, prompt_field: str, answer_field: str | None) -> list[Prompt]:
+    import pyarrow.parquet as pq
+
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except Exception as err:  # pyarrow raises several types for unreadable files
+        raise UserError(f"{path}: not a readable parquet file ({err})") from None
+    return [
+        prompt_from_row(row, f"{path}:row {i}", f"{path.stem}/{i}", prompt_field, answer_field)
+        for i, row in enumerate(rows, start=1)
+    ]
+
+
+def _read_hf_folder(folder: Path, split: str | None, prompt_field: str, answer_field: str | None) -> list[Prompt]:
+    """A dataset saved with `save_to_disk` (no hub access); a DatasetDict needs `FOLDER:SPLIT` unless single."""
+    import datasets
+
+    try:
+        data = datasets.load_from_disk(str(folder))
+    except (FileNotFoundError, ValueError) as err:
+        raise UserError(f"{folder}: not a saved Hugging Face dataset folder ({err})") from None
+    if isinstance(data, datasets.DatasetDict):
+        names = sorted(data)
+        if split is None and len(names) == 1:
+            split = names[0]
+        if split not in data:
+            raise UserError(f"{folder}: choose a split with {folder}:SPLIT, one of {names}")
+        data = data[split]
+    elif split:
+        raise UserError(f"{folder} holds a single dataset, not splits; drop ':{split}'")
+    return [
+        prompt_from_row(row, f"{folder}:row {i}", f"{folder.name}/{i}", prompt_field, answer_field)
+        for i, row in enumerate(data, start=1)
+    ]
 
 
 HUMANEVAL_INSTRUCTION = "Complete the following Python function. Answer with the whole function in one code block.\n\n"
@@ -135,3 +191,6 @@ def encode_prompts(
             )
         encoded.append(ids)
     return encoded
+
+
+from cllm.data_modules import stdlib_code  # noqa: E402,F401  (registers the bundled `stdlib-code` set)
