@@ -1,0 +1,82 @@
+"""Batched vs batch-1 Jacobi decoding throughput on the same prompts, same process.
+
+    python benchmarks/jacobi_batching.py --model smollm2-135m --prompts humaneval --limit 16 \
+        --batch-sizes 1 8 --dtypes float32 bfloat16 --output docs/results/jacobi_batching.json
+
+Prints a table (tokens/s per dtype and batch size, and the ratio to batch 1 of the same dtype) and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from cllm.bench import timed_jacobi, write_json
+from cllm.data_modules.prompts import encode_prompts, load_prompts
+from cllm.generate import eos_ids
+from cllm.jacobi import jacobi_generate
+from cllm.models import load_model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--prompts", default="humaneval")
+    parser.add_argument("--limit", type=int, default=16)
+    parser.add_argument("--n", type=int, default=16)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument("--output", type=Path, default=Path("docs/results/jacobi_batching.json"))
+    args = parser.parse_args()
+
+    prompts = load_prompts(args.prompts, limit=args.limit)
+    rows = []
+    for dtype in args.dtypes:
+        model, tokenizer = load_model(args.model, dtype=dtype)
+        prompt_ids = encode_prompts(tokenizer, prompts)
+        kwargs = {
+            "n": args.n,
+            "max_new_tokens": args.max_new_tokens,
+            "eos_token_id": eos_ids(model, tokenizer),
+            "pad_token_id": tokenizer.pad_token_id,
+        }
+        jacobi_generate(model, prompt_ids[:2], **{**kwargs, "max_new_tokens": 4})  # warm-up
+        for batch_size in args.batch_sizes:
+            result, seconds = timed_jacobi(model, prompt_ids, batch_size, **kwargs)
+            tokens = sum(map(len, result.tokens))
+            rows.append(
+                {
+                    "dtype": dtype,
+                    "batch_size": batch_size,
+                    "tokens": tokens,
+                    "seconds": seconds,
+                    "tokens_per_s": tokens / seconds,
+                    "steps": sum(result.forward_passes),
+                    "accepted_tokens_per_step": result.mean_accepted_tokens_per_step,
+                }
+            )
+    for row in rows:
+        base = next(r for r in rows if r["dtype"] == row["dtype"] and r["batch_size"] == args.batch_sizes[0])
+        row["ratio_to_first_batch_size"] = row["tokens_per_s"] / base["tokens_per_s"]
+
+    print(
+        f"model={args.model} prompts={args.prompts}[:{args.limit}] n={args.n} max_new_tokens={args.max_new_tokens} "
+        f"threads={torch.get_num_threads()}"
+    )
+    print(f"{'dtype':>9} {'batch':>5} {'tokens':>6} {'seconds':>8} {'tokens/s':>9} {'tok/step':>8} {'x batch1':>8}")
+    for r in rows:
+        print(
+            f"{r['dtype']:>9} {r['batch_size']:>5} {r['tokens']:>6} {r['seconds']:>8.2f} {r['tokens_per_s']:>9.1f} "
+            f"{r['accepted_tokens_per_step']:>8.3f} {r['ratio_to_first_batch_size']:>8.2f}"
+        )
+    write_json(
+        args.output, {"config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "rows": rows}
+    )
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()
