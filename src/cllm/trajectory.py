@@ -382,7 +382,9 @@ def write_dataset_manifest(folder: Path, settings: dict, extra: dict | None = No
             stats["dropped_repetitive"] += meta.get("dropped_repetitive", 0)
             stats["generated_tokens"] += meta.get("tokens", 0)
         stats["records"] += shards[-1]["records"]
-    manifest = {**settings, **(extra or {}), "shards": shards, "stats": stats}
+    extra = dict(extra or {})
+    stats.update(extra.pop("stats", {}))  # an import knows its prompt count without per-shard meta files
+    manifest = {**settings, **extra, "shards": shards, "stats": stats}
     write_manifest(folder, manifest)
     return manifest
 

@@ -1,0 +1,134 @@
+"""Import the official CLLM trajectory JSON (hao-ai-lab/Consistency_LLM, data/generate_trajectory.py).
+
+That file is one JSON list with an entry per (prompt, block):
+
+    data_id "data_7"            -> prompt_id
+    jacobian_itr_id "itr_2"     -> block_index 2
+    prompt_ids_len [L] or L     -> the original prompt is the first L tokens of prompt_ids
+    prompt_ids [[...]] or [...] -> prompt + the fixed points of earlier blocks (so prefix_ids = prompt_ids[L:])
+    answer_trajectory_ids       -> states (each maybe nested); the last is the fixed point. With the official
+                                   `use_aug`, augmented states sit at the front; they cannot be told apart and
+                                   are kept as ordinary states.
+    teacher_output_ids          -> prompt + prefix + fixed point (checked against the last state)
+    labels_ids (optional)       -> prompt + ground-truth answer ids; we keep the answer part as `labels`
+
+The whole list is read at once (the official format is a single JSON document), the shards are then written
+like a collection's, with a manifest whose tokenizer fingerprint comes from `--model` (the model the
+trajectories were made with, so training can check it).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from cllm.data_modules.records import SHARD_PATTERN, Record, sha256_of, write_shard
+from cllm.errors import UserError
+
+RECORDS_PER_SHARD = 10_000
+
+
+def flatten(value, where: str, field: str) -> list[int]:
+    """Unwrap batch-of-one nesting ([[1, 2]] -> [1, 2]) and check the result is a list of ints."""
+    while isinstance(value, list) and len(value) == 1 and isinstance(value[0], list):
+        value = value[0]
+    if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise UserError(f"{where}: field {field!r} must be a (possibly nested) list of integers")
+    return value
+
+
+def convert_entry(entry, where: str) -> tuple[Record, bool]:
+    """One official entry -> our record; the flag says whether teacher_output_ids disagreed with the last state."""
+    if not isinstance(entry, dict):
+        raise UserError(f"{where}: expected a JSON object")
+    for field in ("data_id", "jacobian_itr_id", "prompt_ids_len", "prompt_ids", "answer_trajectory_ids"):
+        if field not in entry:
+            raise UserError(f"{where}: field {field!r} is missing")
+    itr = str(entry["jacobian_itr_id"])
+    if not itr.startswith("itr_") or not itr[4:].isdigit():
+        raise UserError(f"{where}: field 'jacobian_itr_id' must look like 'itr_3', got {itr!r}")
+    length = entry["prompt_ids_len"]
+    length = flatten(length, where, "prompt_ids_len")[0] if isinstance(length, list) else length
+    if not isinstance(length, int) or length < 1:
+        raise UserError(f"{where}: field 'prompt_ids_len' must be a positive integer")
+    full = flatten(entry["prompt_ids"], where, "prompt_ids")
+    if len(full) < length:
+        raise UserError(f"{where}: field 'prompt_ids' has {len(full)} tokens, fewer than prompt_ids_len {length}")
+    raw_states = entry["answer_trajectory_ids"]
+    if not isinstance(raw_states, list) or not raw_states:
+        raise UserError(f"{where}: field 'answer_trajectory_ids' must be a non-empty list of states")
+    states = [flatten(s, where, f"answer_trajectory_ids[{i}]") for i, s in enumerate(raw_states)]
+    n = len(states[-1])
+    for i, state in enumerate(states):
+        if len(state) != n:
+            raise UserError(f"{where}: field 'answer_trajectory_ids[{i}]' has {len(state)} tokens, the fixed point {n}")
+    labels = None
+    if entry.get("labels_ids") is not None:
+        labels = flatten(entry["labels_ids"], where, "labels_ids")[length:]
+    mismatch = False
+    if entry.get("teacher_output_ids") is not None:
+        mismatch = flatten(entry["teacher_output_ids"], where, "teacher_output_ids")[-n:] != states[-1]
+    record = Record(str(entry["data_id"]), int(itr[4:]), full[:length], full[length:], states, labels)
+    return record, mismatch
+
+
+def import_official(path: Path, config) -> dict:
+    """Convert `path` into a dataset folder `config.output` (shards + manifest); returns the manifest."""
+    from cllm.models import tokenizer_fingerprint
+    from cllm.trajectory import load_tokenizer, write_dataset_manifest
+
+    if not path.is_file():
+        raise UserError(f"official trajectory file not found: {path}")
+    try:
+        entries = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}:{err.lineno}: malformed JSON ({err.msg})") from None
+    if not isinstance(entries, list) or not entries:
+        raise UserError(f"{path}: expected a non-empty JSON list of trajectory entries")
+    records, mismatches, n = [], 0, None
+    for i, entry in enumerate(entries):
+        where = f"{path}: entry {i}" + (
+            f" ({entry.get('data_id')}, {entry.get('jacobian_itr_id')})" if isinstance(entry, dict) else ""
+        )
+        record, mismatch = convert_entry(entry, where)
+        n = n or len(record.fixed_point)
+        if len(record.fixed_point) != n:
+            raise UserError(
+                f"{where}: field 'answer_trajectory_ids' has blocks of {len(record.fixed_point)} tokens, "
+                f"earlier entries {n}; one dataset needs one block size"
+            )
+        records.append(record)
+        mismatches += mismatch
+    folder = Path(config.output)
+    if (folder / "manifest.json").exists():
+        raise UserError(f"{folder} already holds a dataset; choose another --output")
+    for start in range(0, len(records), RECORDS_PER_SHARD):
+        write_shard(
+            folder / SHARD_PATTERN.format(index=start // RECORDS_PER_SHARD), records[start : start + RECORDS_PER_SHARD]
+        )
+    blocks_per_prompt: dict[str, int] = {}
+    for record in records:
+        blocks_per_prompt[record.prompt_id] = max(blocks_per_prompt.get(record.prompt_id, 0), record.block_index + 1)
+    settings = {
+        "model": config.model,
+        "model_fingerprint": None,
+        "tokenizer_fingerprint": tokenizer_fingerprint(load_tokenizer(config.model)),
+        "n": n,
+        "max_new_tokens": max(blocks_per_prompt.values()) * n,
+        "init": "context (official)",
+        "seed": None,
+        "prompts": str(path),
+        "prompt_count": len(blocks_per_prompt),
+        "chat_template": None,
+        "labels": any(r.labels is not None for r in records),
+    }
+    extra = {
+        "imported_from": {"file": str(path), "sha256": sha256_of(path), "teacher_output_mismatches": mismatches},
+        "stats": {"prompts": len(blocks_per_prompt)},
+    }
+    manifest = write_dataset_manifest(folder, settings, extra)
+    print(
+        f"{folder / 'manifest.json'}: imported {len(records)} records of {len(blocks_per_prompt)} prompts (n={n})"
+        + (f"; {mismatches} entries whose teacher_output_ids disagree with their last state" if mismatches else "")
+    )
+    return manifest
