@@ -7,10 +7,10 @@ split over ranks has the same number of scored tokens on each rank: the 2-proces
 from __future__ import annotations
 
 import torch
-from cllm.data_modules.prompts import Prompt
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
+from cllm.data_modules.prompts import Prompt
 from cllm.models import build_tiny_tokenizer
 
 
@@ -53,7 +53,13 @@ class FakeTrajectoryData(LightningDataModule):
         return [Prompt(f"p{i}", texts[i % len(texts)]) for i in range(self.num_val_prompts)]
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.records, batch_size=self.batch_size, shuffle=False)
+        # In order on every rank (Lightning's own distributed sampler would shuffle): global batch k is
+        # records [k*B*W, (k+1)*B*W) split over ranks, the same rows the 1-process run sees at step k.
+        world = self.trainer.world_size if self.trainer else 1
+        sampler = None
+        if world > 1:
+            sampler = DistributedSampler(self.records, num_replicas=world, rank=self.trainer.global_rank, shuffle=False)
+        return DataLoader(self.records, batch_size=self.batch_size, sampler=sampler, shuffle=False)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_records, batch_size=self.batch_size, shuffle=False)

@@ -1,0 +1,105 @@
+"""`python -m cllm export --ckpt PATH --output DIR`: a Lightning checkpoint of `CLLMModule` -> Hugging Face folder.
+
+The checkpoint is either one file (single process, or `save_distributed_checkpoint=False`) or the sharded folder
+that `ModelParallelStrategy` writes (`*.distcp` shards + `meta.pt`). Either way the model spec saved in the
+checkpoint's hyperparameters (or `--model`) builds the architecture and tokenizer; the trained weights replace its
+weights; the folder gets safetensors + config + tokenizer and loads with `AutoModelForCausalLM.from_pretrained` and
+`cllm.models.load_model(DIR)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from cllm.errors import UserError
+from cllm.models import load_model, resolve_dtype
+
+META_FILE = "meta.pt"  # Lightning's metadata file inside a sharded checkpoint folder
+PREFIX = "model."  # CLLMModule keeps the HF model as `self.model`
+
+
+def read_metadata(ckpt: Path) -> dict:
+    """Hyperparameters, global step etc. of a checkpoint (file or sharded folder), without the tensors' bulk."""
+    if ckpt.is_dir():
+        if not (ckpt / META_FILE).is_file():
+            raise UserError(f"{ckpt} is a folder but not a sharded Lightning checkpoint (no {META_FILE})")
+        return torch.load(ckpt / META_FILE, weights_only=True, map_location="cpu")
+    if not ckpt.is_file():
+        raise UserError(f"checkpoint not found: {ckpt}")
+    return torch.load(ckpt, weights_only=True, map_location="cpu", mmap=True)
+
+
+def load_trained_weights(model: torch.nn.Module, ckpt: Path, metadata: dict) -> None:
+    """Copy the checkpoint's `model.*` weights into `model` (in place; every weight must be present)."""
+    if ckpt.is_dir():
+        import torch.distributed.checkpoint as dcp
+
+        # Load straight into the model's own tensors: only the weights are read, never the optimizer state.
+        state = {"state_dict": {PREFIX + name: tensor for name, tensor in model.state_dict().items()}}
+        try:
+            dcp.load(state, checkpoint_id=str(ckpt), no_dist=True)
+        except Exception as err:  # DCP raises a generic CheckpointException listing per-rank failures
+            raise UserError(f"{ckpt}: cannot read the model weights from this sharded checkpoint ({err})") from err
+        return
+    state_dict = metadata.get("state_dict")
+    if not state_dict:
+        raise UserError(f"{ckpt}: no state_dict in this checkpoint")
+    weights = {name[len(PREFIX) :]: tensor for name, tensor in state_dict.items() if name.startswith(PREFIX)}
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    missing = [name for name in missing if not _is_tied(model, name)]
+    if missing or unexpected:
+        raise UserError(f"{ckpt}: weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
+def _is_tied(model: torch.nn.Module, name: str) -> bool:
+    return bool(getattr(model.config, "tie_word_embeddings", False)) and name == "lm_head.weight"
+
+
+def export(ckpt: Path, output: Path, *, model_spec: str | None = None, dtype: str | None = None) -> Path:
+    """Write the HF folder `output` (atomically) and return it."""
+    metadata = read_metadata(ckpt)
+    hparams = dict(metadata.get("hyper_parameters") or {})
+    spec = model_spec or hparams.get("model")
+    if not spec:
+        raise UserError(f"{ckpt}: no model spec in the checkpoint's hyperparameters; pass --model SPEC")
+    master_dtype = hparams.get("dtype", "float32")
+    model, tokenizer = load_model(spec, dtype=master_dtype, attn_implementation="sdpa")
+    load_trained_weights(model, ckpt, metadata)
+    if dtype is not None:
+        model = model.to(resolve_dtype(dtype))
+    model.config.use_cache = True
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}-", dir=output.parent))
+    try:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        provenance = {"checkpoint": str(ckpt), "base_model": spec, "global_step": metadata.get("global_step")}
+        (staging / "cllm_export.json").write_text(json.dumps(provenance, indent=2) + "\n")
+        if output.exists():
+            shutil.rmtree(output)
+        os.replace(staging, output)  # atomic: a reader never sees a half-written folder
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return output
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="cllm export", description=__doc__.splitlines()[0])
+    parser.add_argument("--ckpt", required=True, type=Path, help="Lightning checkpoint: .ckpt file or sharded folder")
+    parser.add_argument("--output", required=True, type=Path, help="Hugging Face folder to write")
+    parser.add_argument("--model", default=None, help="base model spec (default: the one saved in the checkpoint)")
+    parser.add_argument("--dtype", default=None, help="dtype of the saved weights (default: the training dtype)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    args = parser.parse_args(argv)
+    if args.output.exists() and not args.overwrite:
+        raise UserError(f"output {args.output} exists; pass --overwrite to replace it")
+    out = export(args.ckpt, args.output, model_spec=args.model, dtype=args.dtype)
+    print(f"exported {args.ckpt} -> {out} (load with AutoModelForCausalLM.from_pretrained or --model {out})")
