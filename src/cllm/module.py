@@ -86,7 +86,9 @@ class CLLMModule(LightningModule):
             raise UserError(f"model.ar_target must be one of {AR_TARGETS}, not {ar_target!r}")
         if consistency_weight == 0 and ar_weight == 0:
             raise UserError("model.consistency_weight and model.ar_weight are both 0: nothing to train")
-        self.save_hyperparameters()
+        # `n` stays out of the hparams: Lightning refuses module and data hparams that share a key with different
+        # values, and n=None here means "the data module's n".
+        self.save_hyperparameters(ignore=["n"])
         self.model = None
         self.tokenizer = None
         self.n = n
