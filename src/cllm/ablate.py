@@ -1,0 +1,303 @@
+"""`python -m cllm ablate`: run ablation overlays on a base config, then collect their final metrics into a table.
+
+    python -m cllm ablate --config tiny.yaml                      # baseline + every bundled configs/ablations/*.yaml
+    python -m cllm ablate --config tiny.yaml --overlays configs/ablations/n8.yaml --trainer.max_steps=50
+    python -m cllm ablate --config tiny.yaml --count              # how many runs (size of the SLURM array)
+    python -m cllm ablate --config tiny.yaml --index 3            # run number 3 only, in this process (SLURM array)
+    python -m cllm ablate --collect runs/ablate --output docs/ablations.md   # also writes docs/ablations.csv
+
+Each run is `cllm fit --config BASE [--config OVERLAY] --trainer.default_root_dir=ROOT/NAME [overrides]`, NAME being
+the overlay's file stem (`baseline` for the base alone). The collector reads each run folder's CSVLogger
+`metrics.csv` files, or else its W&B run files (`wandb/*run-*/run-*.wandb`), and keeps the last value of every metric.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cllm.cli import bundled_config_dir, resolve_config
+from cllm.errors import UserError
+
+BASELINE = "baseline"
+RECORD = "ablate.json"  # per run: command, return code, seconds, overlay delta
+# Shown first, in this order, when present; then any other val/* metric, then train losses.
+PREFERRED = (
+    "val/accepted_tokens_per_step",
+    "val/base_agreement",
+    "val/degenerate_rate",
+    "val/loss",
+    "val/consistency_loss",
+    "val/ar_loss",
+    "train/loss",
+)
+SKIPPED = ("train/lr", "train/tokens_per_s", "train/grad_norm", "epoch", "step")
+BEGIN, END = "<!-- ablate:begin -->", "<!-- ablate:end -->"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cllm ablate",
+        description="Run ablation overlays on a base config, or collect their final metrics into a table. "
+        "Unknown --key=value arguments are passed to every `cllm fit`.",
+        allow_abbrev=False,
+    )
+    parser.add_argument("--config", help="base config (NAME.yaml: current folder first, then the bundled configs/)")
+    parser.add_argument(
+        "--overlays", nargs="+", help="overlay YAML files or folders (default: the bundled configs/ablations/)"
+    )
+    parser.add_argument("--root", default="runs/ablate", help="one run folder per overlay under ROOT")
+    parser.add_argument("--no-baseline", action="store_true", help="do not run the base config alone")
+    parser.add_argument("--index", type=int, help="run only run number INDEX (0-based), in this process")
+    parser.add_argument("--count", action="store_true", help="print the number of runs and exit")
+    parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    parser.add_argument("--collect", metavar="ROOT", help="build the table from the run folders under ROOT")
+    parser.add_argument("--output", help="with --collect: markdown file to write (a .csv is written beside it)")
+    return parser
+
+
+def overlay_files(overlays: list[str] | None) -> list[Path]:
+    """Overlay files, sorted by name within each folder; the bundled `configs/ablations/` by default."""
+    sources = overlays or [str(bundled_config_dir() / "ablations")]
+    files: list[Path] = []
+    for source in sources:
+        path = Path(source)
+        if path.is_dir():
+            files += sorted(path.glob("*.yaml"))
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise UserError(f"overlay {source!r} is neither a YAML file nor a folder")
+    names = [f.stem for f in files]
+    duplicates = sorted({n for n in names if names.count(n) > 1} | ({BASELINE} & set(names)))
+    if duplicates:
+        raise UserError(f"overlay names must be unique and not {BASELINE!r} (they name the run folders): {duplicates}")
+    return files
+
+
+def plan_runs(overlays: list[Path], baseline: bool) -> list[tuple[str, Path | None]]:
+    """(run name, overlay or None) in run/array-index order: the baseline first, then the overlays."""
+    return ([(BASELINE, None)] if baseline else []) + [(path.stem, path) for path in overlays]
+
+
+def _logger_classes(config_files: list[str]) -> list[str]:
+    classes = []
+    for file in config_files:
+        data = yaml.safe_load(Path(file).read_text()) or {}
+        logger = (data.get("trainer") or {}).get("logger")
+        if logger is not None:  # a later config replaces the logger of an earlier one
+            entries = logger if isinstance(logger, list) else [logger]
+            classes = [e.get("class_path", "") for e in entries if isinstance(e, dict)]
+    return classes
+
+
+def fit_args(base: str, name: str, overlay: Path | None, root: Path, extra: list[str]) -> list[str]:
+    """Arguments of `cllm fit` for one run (after the `fit`)."""
+    configs = [base] + ([str(overlay)] if overlay else [])
+    args = [part for config in configs for part in ("--config", config)]
+    args.append(f"--trainer.default_root_dir={root / name}")
+    if _logger_classes(configs) == ["cllm.tracking.WandbLogger"]:
+        args.append(f"--trainer.logger.init_args.name={name}")  # the W&B run reads like the run folder
+    return args + extra
+
+
+def overlay_delta(overlay: Path | None) -> str:
+    """`key=value` pairs an overlay sets (the W&B logger block left out): the table's description of a run."""
+    if overlay is None:
+        return "(base config)"
+    data = yaml.safe_load(overlay.read_text()) or {}
+    if isinstance(data.get("trainer"), dict):
+        data["trainer"] = {k: v for k, v in data["trainer"].items() if k != "logger"} or None
+    return ", ".join(f"{key}={value}" for key, value in _flatten(data) if value is not None) or "(no change)"
+
+
+def _flatten(data: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """Leaf `dotted.key` -> value; `init_args` levels dropped (`model.ar_weight`, not `model.init_args.ar_weight`)."""
+    if isinstance(data, dict) and data:
+        items = []
+        for key, value in data.items():
+            child = prefix if key == "init_args" else (f"{prefix}.{key}" if prefix else str(key))
+            items += _flatten(value, child)
+        return items
+    return [(prefix, data)]
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def run_all(args: argparse.Namespace, extra: list[str]) -> None:
+    if not args.config:
+        raise UserError("--config BASE.yaml is required to run ablations (or use --collect ROOT)")
+    base = resolve_config(args.config)
+    runs = plan_runs(overlay_files(args.overlays), baseline=not args.no_baseline)
+    if args.count:
+        print(len(runs))
+        return
+    root = Path(args.root)
+    if args.index is not None:
+        if not 0 <= args.index < len(runs):
+            raise UserError(f"--index {args.index} out of range: {len(runs)} runs ({[n for n, _ in runs]})")
+        runs = [runs[args.index]]
+    failed = []
+    for name, overlay in runs:
+        argv = ["fit", *fit_args(base, name, overlay, root, extra)]
+        print("cllm " + " ".join(argv), flush=True)
+        if args.dry_run:
+            continue
+        record = {"name": name, "base": base, "overlay": str(overlay) if overlay else None}
+        record["delta"] = overlay_delta(overlay)
+        started = time.time()
+        if args.index is not None:
+            # In this process, so SLURM's SIGUSR1 reaches Lightning (a child process would not get it).
+            from cllm.cli import main as cli_main
+
+            _write_atomic(root / name / RECORD, json.dumps({**record, "command": argv}, indent=1))
+            cli_main(argv)
+            continue
+        returncode = subprocess.run([sys.executable, "-m", "cllm", *argv]).returncode
+        record.update(command=argv, returncode=returncode, seconds=round(time.time() - started, 1))
+        _write_atomic(root / name / RECORD, json.dumps(record, indent=1))
+        if returncode:
+            failed.append(name)
+    if failed:
+        raise UserError(f"{len(failed)} of {len(runs)} runs failed: {failed} (see their output above)")
+
+
+# --- Collecting ----------------------------------------------------------------------------------------------
+def _number(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def csv_history(run_dir: Path) -> list[dict[str, float]]:
+    """Rows of every `metrics.csv` under `run_dir` (CSVLogger), oldest version first, empty cells dropped."""
+    files = sorted(run_dir.rglob("metrics.csv"), key=lambda p: p.stat().st_mtime)
+    rows = []
+    for file in files:
+        for row in csv.DictReader(file.open(newline="")):
+            values = {key: _number(value) for key, value in row.items() if key and value not in (None, "")}
+            rows.append({key: value for key, value in values.items() if value is not None})
+    return rows
+
+
+def wandb_history(run_dir: Path) -> list[dict[str, float]]:
+    """History rows of the W&B runs under `run_dir/wandb` (a requeued job has one folder per attempt)."""
+    from cllm.tracking import read_offline_run
+
+    rows = []
+    for folder in sorted(run_dir.glob("wandb/*run-*")):
+        if folder.is_dir() and list(folder.glob("run-*.wandb")):
+            for row in read_offline_run(folder).history:
+                scalars = {k: float(v) for k, v in row.items() if isinstance(v, (int, float)) and not k.startswith("_")}
+                if "trainer/global_step" in scalars:
+                    scalars["step"] = scalars.pop("trainer/global_step")
+                rows.append(scalars)
+    return rows
+
+
+def final_metrics(run_dir: Path) -> dict[str, float]:
+    """Last logged value of every metric, plus `step` (the last step logged) and the step-0 accepted tokens."""
+    rows = csv_history(run_dir) or wandb_history(run_dir)
+    final: dict[str, float] = {}
+    for row in rows:
+        final.update(row)
+    accepted = [row for row in rows if "val/accepted_tokens_per_step" in row]
+    if accepted and accepted[0].get("step", 0) == 0:
+        final["base/accepted_tokens_per_step"] = accepted[0]["val/accepted_tokens_per_step"]
+    return final
+
+
+def collect(root: Path) -> tuple[list[str], list[dict[str, Any]]]:
+    """One row per run folder under `root` (baseline first): name, overlay delta, final step and metrics."""
+    if not root.is_dir():
+        raise UserError(f"--collect {root}: no such folder")
+    folders = sorted((p for p in root.iterdir() if p.is_dir()), key=lambda p: (p.name != BASELINE, p.name))
+    rows, keys = [], set()
+    for folder in folders:
+        record = json.loads((folder / RECORD).read_text()) if (folder / RECORD).is_file() else {}
+        metrics = final_metrics(folder)
+        if not metrics:
+            continue
+        keys |= set(metrics)
+        status = "failed" if record.get("returncode") else "ok"
+        rows.append({"run": folder.name, "change": record.get("delta", ""), "status": status, **metrics})
+    if not rows:
+        raise UserError(f"--collect {root}: no run folder with a metrics.csv or W&B run files")
+    ordered = [k for k in ("base/accepted_tokens_per_step", *PREFERRED) if k in keys]
+    ordered += sorted(k for k in keys if k.startswith("val/") and k not in ordered and k not in SKIPPED)
+    ordered += sorted(k for k in keys if k.startswith("train/") and "loss" in k and k not in ordered)
+    columns = ["run", "change", "status", "step", *ordered]
+    return columns, rows
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.0f}" if value.is_integer() and abs(value) >= 1 else f"{value:.4g}"
+    return "" if value is None else str(value).replace("|", "\\|")
+
+
+def render_markdown(columns: list[str], rows: list[dict[str, Any]], root: Path) -> str:
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [
+        f"Collected from `{root}` by `python -m cllm ablate --collect {root}` on {stamp}. Final value of each metric;",
+        "`base/accepted_tokens_per_step` is the model before training (step 0). Accepted tokens per step = generated",
+        "tokens / decode forward passes (prefill excluded), averaged over prompts; greedy AR is exactly 1.0.",
+        "",
+        "| " + " | ".join(columns) + " |",
+        "|" + "|".join("---" if c in ("run", "change", "status") else "---:" for c in columns) + "|",
+    ]
+    lines += ["| " + " | ".join(_cell(row.get(c)) for c in columns) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def render_csv(columns: list[str], rows: list[dict[str, Any]]) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
+
+
+def write_report(output: Path, table: str, csv_text: str) -> None:
+    """Write the table into `output` between the ablate markers (prose around them is kept), and the CSV beside it."""
+    block = f"{BEGIN}\n{table}{END}"
+    if output.is_file() and BEGIN in (text := output.read_text()) and END in text:
+        head, rest = text.split(BEGIN, 1)
+        text = head + block + rest.split(END, 1)[1]
+    else:
+        text = f"# Ablations\n\n{block}\n"
+    _write_atomic(output, text)
+    _write_atomic(output.with_suffix(".csv"), csv_text)
+
+
+def main(argv: list[str]) -> None:
+    args, extra = build_parser().parse_known_args(argv)
+    if args.collect:
+        root = Path(args.collect)
+        columns, rows = collect(root)
+        table = render_markdown(columns, rows, root)
+        print(table, end="")
+        if args.output:
+            write_report(Path(args.output), table, render_csv(columns, rows))
+        return
+    unknown = [a for a in extra if a.startswith("-") and not a.startswith("--")]
+    if unknown:
+        raise UserError(f"unknown option(s) {unknown}; overrides for `cllm fit` look like --trainer.max_steps=10")
+    run_all(args, extra)

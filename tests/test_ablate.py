@@ -1,0 +1,152 @@
+"""`cllm ablate`: run planning, the collector on real CSVLogger output, and a real two-run sweep on a stub model."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch.demos.boring_classes import BoringModel
+
+from cllm import ablate
+from cllm.errors import UserError
+
+HERE = Path(__file__).parent
+
+
+class AcceptingBoringModel(BoringModel):
+    """Logs a fixed accepted-tokens value, so each overlay's row in the table is known in advance."""
+
+    def __init__(self, accepted: float = 1.0) -> None:
+        super().__init__()
+        self.accepted = accepted
+
+    def training_step(self, batch, batch_idx):
+        out = super().training_step(batch, batch_idx)
+        self.log("train/loss", out["loss"])
+        return out
+
+    def validation_step(self, batch, batch_idx):
+        out = super().validation_step(batch, batch_idx)
+        self.log("val/accepted_tokens_per_step", torch.tensor(self.accepted))
+        return out
+
+
+def _write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_plan_and_delta(tmp_path: Path) -> None:
+    b = _write(tmp_path / "ov" / "b_n8.yaml", "model: {init_args: {n: 8}}\n")
+    a = _write(tmp_path / "ov" / "a_no_ar.yaml", "model:\n  init_args: {ar_weight: 0}\ntrainer: {logger: false}\n")
+    files = ablate.overlay_files([str(tmp_path / "ov")])
+    assert files == [a, b]
+    assert ablate.plan_runs(files, baseline=True) == [("baseline", None), ("a_no_ar", a), ("b_n8", b)]
+    assert ablate.overlay_delta(a) == "model.ar_weight=0"
+    assert ablate.overlay_delta(None) == "(base config)"
+    with pytest.raises(UserError, match="unique"):
+        ablate.overlay_files([str(a), str(a)])
+    with pytest.raises(UserError, match="neither"):
+        ablate.overlay_files([str(tmp_path / "missing.yaml")])
+
+
+def test_fit_args_name_the_wandb_run(tmp_path: Path) -> None:
+    base = _write(tmp_path / "base.yaml", "trainer:\n  logger: {class_path: cllm.tracking.WandbLogger}\n")
+    overlay = _write(tmp_path / "n8.yaml", "model: {init_args: {n: 8}}\n")
+    args = ablate.fit_args(str(base), "n8", overlay, tmp_path / "root", ["--trainer.max_steps=2"])
+    assert args == [
+        "--config",
+        str(base),
+        "--config",
+        str(overlay),
+        f"--trainer.default_root_dir={tmp_path / 'root' / 'n8'}",
+        "--trainer.logger.init_args.name=n8",
+        "--trainer.max_steps=2",
+    ]
+    no_logger = _write(tmp_path / "nolog.yaml", "trainer: {logger: false}\n")
+    assert not any("logger" in a for a in ablate.fit_args(str(no_logger), "x", None, tmp_path, []))
+
+
+def test_collect_reads_csv_history_and_keeps_prose(tmp_path: Path) -> None:
+    run = tmp_path / "root" / "baseline" / "lightning_logs" / "version_0"
+    run.mkdir(parents=True)
+    with (run / "metrics.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["epoch", "step", "train/loss", "val/accepted_tokens_per_step"])
+        writer.writerows([[0, 0, "", 1.1], [0, 4, 2.5, ""], [0, 9, 1.25, 2.0]])
+    columns, rows = ablate.collect(tmp_path / "root")
+    assert columns[:4] == ["run", "change", "status", "step"]
+    assert rows == [
+        {
+            "run": "baseline",
+            "change": "",
+            "status": "ok",
+            "epoch": 0.0,
+            "step": 9.0,
+            "train/loss": 1.25,
+            "val/accepted_tokens_per_step": 2.0,
+            "base/accepted_tokens_per_step": 1.1,
+        }
+    ]
+    output = _write(
+        tmp_path / "docs" / "ablations.md", f"# Ablations\n\nprose\n\n{ablate.BEGIN}\nold\n{ablate.END}\ntail\n"
+    )
+    ablate.write_report(output, ablate.render_markdown(columns, rows, tmp_path), ablate.render_csv(columns, rows))
+    text = output.read_text()
+    assert "prose" in text and "tail" in text and "old" not in text
+    assert "| baseline |  | ok | 9 | 1.1 | 2 | 1.25 |" in text
+    assert output.with_suffix(".csv").read_text().splitlines()[1].startswith("baseline,,ok,9.0,1.1,2.0,1.25")
+    with pytest.raises(UserError, match="no run folder"):
+        ablate.collect(_write(tmp_path / "empty" / "x" / "note.txt", "").parent.parent)
+
+
+def test_index_count_and_dry_run(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    base = _write(tmp_path / "base.yaml", "trainer: {max_steps: 1}\n")
+    _write(tmp_path / "ov" / "x.yaml", "trainer: {max_steps: 2}\n")
+    common = ["--config", str(base), "--overlays", str(tmp_path / "ov"), "--root", str(tmp_path / "r")]
+    ablate.main([*common, "--count"])
+    assert capsys.readouterr().out.strip() == "2"
+    ablate.main([*common, "--dry-run", "--trainer.max_epochs=1"])
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and lines[1].endswith(
+        f"--trainer.default_root_dir={tmp_path / 'r' / 'x'} --trainer.max_epochs=1"
+    )
+    with pytest.raises(UserError, match="out of range"):
+        ablate.main([*common, "--index", "2"])
+
+
+@pytest.mark.slow
+def test_real_sweep_then_collect(tmp_path: Path) -> None:
+    base = _write(
+        tmp_path / "base.yaml",
+        "model: {class_path: test_ablate.AcceptingBoringModel}\n"
+        "data: {class_path: lightning.pytorch.demos.boring_classes.BoringDataModule}\n"
+        "trainer: {max_epochs: 1, limit_train_batches: 2, limit_val_batches: 1, log_every_n_steps: 1,\n"
+        "  accelerator: cpu, devices: 1, enable_progress_bar: false, enable_model_summary: false,\n"
+        "  enable_checkpointing: false}\n",
+    )
+    _write(tmp_path / "ov" / "more.yaml", "model: {init_args: {accepted: 2.5}}\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env["PYTHONPATH"] = os.pathsep.join([str(HERE), env.get("PYTHONPATH", "")])
+    root, output = tmp_path / "runs", tmp_path / "ablations.md"
+    cllm = [sys.executable, "-m", "cllm", "ablate"]
+    run = [*cllm, "--config", str(base), "--overlays", str(tmp_path / "ov"), "--root", str(root)]
+    proc = subprocess.run(run, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in root.iterdir()) == ["baseline", "more"]
+    proc = subprocess.run(
+        [*cllm, "--collect", str(root), "--output", str(output)], env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {row["run"]: row for row in csv.DictReader(output.with_suffix(".csv").open())}
+    assert float(rows["baseline"]["val/accepted_tokens_per_step"]) == 1.0
+    assert float(rows["more"]["val/accepted_tokens_per_step"]) == 2.5
+    assert rows["more"]["change"] == "model.accepted=2.5" and rows["more"]["status"] == "ok"
+    # Lightning logs the 2 steps of this run as steps 0 and 1.
+    assert float(rows["more"]["step"]) == 1 and "train/loss" in rows["more"]
