@@ -1,0 +1,59 @@
+"""Every bundled config (and the base config + each ablation overlay) parses with the real `cllm fit` parser."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from cllm.cli import bundled_config_dir, main
+
+CONFIGS = sorted(str(p.relative_to(bundled_config_dir())) for p in bundled_config_dir().glob("*.yaml"))
+OVERLAYS = sorted(str(p.relative_to(bundled_config_dir())) for p in bundled_config_dir().glob("ablations/*.yaml"))
+
+
+def print_config(capsys, *configs: str) -> dict:
+    argv = ["fit"]
+    for config in configs:
+        argv += ["--config", config]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--print_config"])
+    assert exit_info.value.code in (0, None), capsys.readouterr().err
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+def test_expected_configs_are_bundled():
+    assert {"tiny.yaml", "smollm2-135m.yaml", "llama7b.yaml"} <= set(CONFIGS)
+    expected = {"no_ar", "no_consistency", "local", "n8", "n32", "reverse_kl", "soft_ce", "ar_weight1"}
+    assert {f"ablations/{name}.yaml" for name in expected} <= set(OVERLAYS)
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_bundled_config_parses(config, capsys):
+    parsed = print_config(capsys, config)
+    assert parsed["model"]["class_path"] == "cllm.module.CLLMModule"
+    assert parsed["data"]["class_path"] == "cllm.data_modules.trajectory_data.TrajectoryDataModule"
+    # the data module must use the trained model's tokenizer
+    assert parsed["model"]["init_args"]["model"] == parsed["data"]["init_args"]["model"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_ablation_overlay_changes_only_its_delta(overlay, capsys):
+    base = print_config(capsys, "smollm2-135m.yaml")
+    changed = print_config(capsys, "smollm2-135m.yaml", overlay)
+    delta = yaml.safe_load((bundled_config_dir() / overlay).read_text())
+    for section in ("model", "data"):
+        expected = dict(base[section]["init_args"])
+        expected.update((delta.get(section) or {}).get("init_args", {}))
+        assert changed[section]["init_args"] == expected, section
+        assert changed[section]["class_path"] == base[section]["class_path"]
+    assert changed["trainer"] == base["trainer"]
+
+
+def test_llama7b_recipe(capsys):
+    parsed = print_config(capsys, "llama7b.yaml")
+    model, data, trainer = parsed["model"]["init_args"], parsed["data"]["init_args"], parsed["trainer"]
+    assert data["n"] == 16 and model["lr"] == 2e-5 and model["warmup_ratio"] == 0.03 and model["ar_weight"] == 10
+    assert trainer["max_epochs"] == 1 and trainer["devices"] == 8
+    assert trainer["strategy"]["class_path"].endswith("ModelParallelStrategy")
+    assert model["activation_checkpointing"] and model["fsdp_param_dtype"] == "bfloat16"
+    assert trainer["logger"]["class_path"].endswith("WandbLogger")
