@@ -1,0 +1,303 @@
+"""The headline benchmark: SmolLM2-135M, from nothing to a CLLM, base vs CLLM in one report.
+
+    python benchmarks/headline.py            # the full pipeline (<= 90 minutes on a 2-core CPU)
+    python benchmarks/headline.py --quick    # a smoke-sized run (<= 10 minutes)
+
+Stages: (1+2) `python -m cllm fit --config smollm2-135m.yaml` collects stdlib-code trajectories (n=16) when the
+trajectory folder is missing, then trains; (3) `python -m cllm export` turns the last checkpoint into a model
+folder; (4) base and CLLM are evaluated in this process on held-out stdlib-code test prompts and HumanEval:
+accepted tokens per Jacobi step, Jacobi vs greedy-AR tokens/s (batch 1, per prompt), HumanEval pass@1 (sandboxed
+subprocess), exact match of CLLM vs base greedy output, degenerate-repetition rate; (5) JSON, markdown and PNG
+plots in --output. Timings are wall-clock on whatever machine runs this; ratios are within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from cllm.bench import greedy_ar, in_batches, write_json
+from cllm.callbacks.accepted_tokens import common_prefix_fraction, has_repeated_run
+from cllm.data_modules.prompts import encode_prompts, load_prompts
+from cllm.evaluation import humaneval_pass_at_1
+from cllm.generate import eos_ids
+from cllm.jacobi import jacobi_generate
+from cllm.models import load_model
+
+PROFILES = {
+    # eval prompts per set, speed prompts per set, max new tokens, block sizes, fit overrides
+    "quick": {
+        "quality_limit": 16,
+        "speed_limit": 4,
+        "max_new_tokens": 64,
+        "n_values": [16],
+        "fit": ["--data.init_args.prompt_limit=24", "--trainer.max_steps=40", "--trainer.val_check_interval=20"],
+    },
+    "full": {"quality_limit": 164, "speed_limit": 16, "max_new_tokens": 256, "n_values": [8, 16, 32], "fit": []},
+}
+SETS = {"stdlib-code": "stdlib-code:test", "humaneval": "humaneval"}
+
+
+def run_stage(name: str, command: list[str], log: Path, timings: dict) -> None:
+    print(f"== {name}: {' '.join(command)}  (log: {log})", flush=True)
+    start = time.perf_counter()
+    with open(log, "w") as handle:
+        done = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, check=False)
+    timings[name] = time.perf_counter() - start
+    if done.returncode != 0:
+        sys.exit(f"stage {name} failed (exit {done.returncode}); see {log}")
+
+
+def latest_checkpoint(root: Path) -> Path:
+    found = sorted(root.rglob("*.ckpt"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        sys.exit(f"no checkpoint under {root}")
+    return found[-1]
+
+
+def timed(function, *args, **kwargs):
+    start = time.perf_counter()
+    value = function(*args, **kwargs)
+    return value, time.perf_counter() - start
+
+
+def greedy_outputs(model, tokenizer, prompt_ids, max_new_tokens, batch_size=16) -> list[list[int]]:
+    """Greedy outputs for quality figures, batched (not timed)."""
+    eos = eos_ids(model, tokenizer)
+    out = []
+    for batch in in_batches(prompt_ids, batch_size):
+        out += greedy_ar(model, batch, max_new_tokens=max_new_tokens, eos=eos, pad_token_id=tokenizer.pad_token_id)
+    return out
+
+
+def speed(models: dict, tokenizer, prompt_ids, max_new_tokens, n_values) -> dict:
+    """Per prompt, batch 1: greedy AR in every dtype (the fastest is the baseline) and Jacobi for each n."""
+    eos, pad = eos_ids(next(iter(models.values())), tokenizer), tokenizer.pad_token_id
+    result = {"ar": {}, "jacobi": {}}
+    for dtype, model in models.items():
+        greedy_ar(model, prompt_ids[:1], max_new_tokens=4, eos=eos, pad_token_id=pad)  # warm-up
+        runs = [
+            timed(greedy_ar, model, [p], max_new_tokens=max_new_tokens, eos=eos, pad_token_id=pad) for p in prompt_ids
+        ]
+        tokens = [len(out[0]) for out, _ in runs]
+        seconds = [s for _, s in runs]
+        result["ar"][dtype] = {
+            "tokens_per_s": sum(tokens) / sum(seconds),
+            "per_prompt_tokens_per_s": [t / s for t, s in zip(tokens, seconds)],
+            "outputs": [out[0] for out, _ in runs],
+        }
+    fastest = max(result["ar"], key=lambda d: result["ar"][d]["tokens_per_s"])
+    jacobi_dtype = "bfloat16" if "bfloat16" in models else fastest
+    model = models[jacobi_dtype]
+    for n in n_values:
+        kwargs = {"n": n, "max_new_tokens": max_new_tokens, "eos_token_id": eos, "pad_token_id": pad}
+        jacobi_generate(model, prompt_ids[:1], **{**kwargs, "max_new_tokens": 4})
+        runs = [timed(jacobi_generate, model, [p], **kwargs) for p in prompt_ids]
+        tokens = [len(r.tokens[0]) for r, _ in runs]
+        seconds = [s for _, s in runs]
+        ar_per_prompt = result["ar"][fastest]["per_prompt_tokens_per_s"]
+        per_prompt = [t / s for t, s in zip(tokens, seconds)]
+        same_dtype_ar = result["ar"][jacobi_dtype]["outputs"]
+        result["jacobi"][str(n)] = {
+            "dtype": jacobi_dtype,
+            "accepted_tokens_per_step": sum(r.accepted_tokens_per_step[0] for r, _ in runs) / len(runs),
+            "per_prompt_accepted_tokens_per_step": [r.accepted_tokens_per_step[0] for r, _ in runs],
+            "tokens_per_s": sum(tokens) / sum(seconds),
+            "speedup_vs_fastest_ar": (sum(tokens) / sum(seconds)) / result["ar"][fastest]["tokens_per_s"],
+            "per_prompt_speedup": [j / a for j, a in zip(per_prompt, ar_per_prompt)],
+            "ar_agreement": sum(r.tokens[0] == a for (r, _), a in zip(runs, same_dtype_ar)) / len(runs),
+        }
+    result["fastest_ar_dtype"] = fastest
+    for dtype in result["ar"]:
+        result["ar"][dtype].pop("outputs")
+    return result
+
+
+def evaluate(spec: str, prompt_sets: dict, profile: dict, dtypes: list[str]) -> dict:
+    models = {}
+    for dtype in dtypes:
+        models[dtype], tokenizer = load_model(spec, dtype=dtype)
+    report = {}
+    for name, prompts in prompt_sets.items():
+        ids = encode_prompts(tokenizer, prompts)
+        outputs = greedy_outputs(models[dtypes[0]], tokenizer, ids, profile["max_new_tokens"])
+        texts = [tokenizer.decode(o, skip_special_tokens=True) for o in outputs]
+        entry = {
+            "num_prompts": len(ids),
+            "degenerate_rate": sum(has_repeated_run(o, 10) for o in outputs) / len(outputs),
+            "outputs": outputs,
+            "speed": speed(
+                models, tokenizer, ids[: profile["speed_limit"]], profile["max_new_tokens"], profile["n_values"]
+            ),
+        }
+        if name == "humaneval":
+            passed = humaneval_pass_at_1([p.meta for p in prompts], texts)
+            entry["pass_at_1"] = sum(passed) / len(passed)
+        report[name] = entry
+    return report
+
+
+def validation_curve(fit_root: Path) -> list[tuple[int, float]]:
+    """(step, val/accepted_tokens_per_step) from the fit's CSV logs."""
+    points = []
+    for path in fit_root.rglob("metrics.csv"):
+        with open(path) as handle:
+            for row in csv.DictReader(handle):
+                value = row.get("val/accepted_tokens_per_step")
+                if value:
+                    points.append((int(row["step"]), float(value)))
+    return sorted(points)
+
+
+def markdown(results: dict) -> str:
+    lines = [
+        "# Headline benchmark: SmolLM2-135M-Instruct, base vs CLLM",
+        "",
+        f"Profile `{results['profile']}`; command: `{results['command']}`; machine: {results['machine']}.",
+        f"Stage times (s): {', '.join(f'{k} {v:.0f}' for k, v in results['timings'].items())}.",
+        "Accepted tokens per step = generated tokens / decode forward passes per sequence, averaged (AR = 1.0).",
+        "Speedup = Jacobi tokens/s over the fastest greedy AR (HF `generate`, KV cache) of the same model, batch 1.",
+        "",
+        "| prompts | model | n | accepted tok/step | Jacobi tok/s | fastest AR tok/s (dtype) | speedup | pass@1 |"
+        " degenerate | = base output |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for set_name in SETS:
+        for model in ("base", "cllm"):
+            entry = results["models"][model].get(set_name)
+            if not entry:
+                continue
+            fastest = entry["speed"]["fastest_ar_dtype"]
+            for n, jacobi in entry["speed"]["jacobi"].items():
+                pass_at_1 = f"{entry['pass_at_1']:.3f}" if "pass_at_1" in entry else "-"
+                match = entry.get("exact_match_vs_base", 1.0 if model == "base" else float("nan"))
+                lines.append(
+                    f"| {set_name} | {model} | {n} | {jacobi['accepted_tokens_per_step']:.3f} | "
+                    f"{jacobi['tokens_per_s']:.1f} ({jacobi['dtype']}) | "
+                    f"{entry['speed']['ar'][fastest]['tokens_per_s']:.1f} ({fastest}) | "
+                    f"{jacobi['speedup_vs_fastest_ar']:.2f}x | {pass_at_1} | {entry['degenerate_rate']:.3f} | "
+                    f"{match:.3f} |"
+                )
+    return "\n".join(lines) + "\n"
+
+
+def plots(results: dict, output: Path) -> list[str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plots (pip install matplotlib)")
+        return []
+    made = []
+    n = "16" if "16" in results["models"]["base"]["stdlib-code"]["speed"]["jacobi"] else None
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for axis, set_name in zip(axes, SETS):
+        for model in ("base", "cllm"):
+            jacobi = results["models"][model][set_name]["speed"]["jacobi"]
+            key = n or next(iter(jacobi))
+            axis.hist(jacobi[key]["per_prompt_accepted_tokens_per_step"], bins=12, alpha=0.6, label=model)
+        axis.set(title=f"{set_name}: accepted tokens/step (n={key})", xlabel="tokens per step", ylabel="prompts")
+        axis.legend()
+    figure.tight_layout()
+    figure.savefig(output / "accepted_tokens_hist.png", dpi=100)
+    made.append("accepted_tokens_hist.png")
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for model in ("base", "cllm"):
+        values = []
+        for set_name in SETS:
+            jacobi = results["models"][model][set_name]["speed"]["jacobi"]
+            values += jacobi[n or next(iter(jacobi))]["per_prompt_speedup"]
+        axis.plot(range(len(values)), values, "o", label=model)
+    axis.axhline(1.0, color="gray", lw=0.8)
+    axis.set(title="Jacobi speedup per prompt vs fastest greedy AR", xlabel="prompt", ylabel="speedup")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(output / "speedup_per_prompt.png", dpi=100)
+    made.append("speedup_per_prompt.png")
+    if results["validation_curve"]:
+        figure, axis = plt.subplots(figsize=(6, 4))
+        steps, values = zip(*results["validation_curve"])
+        axis.plot(steps, values, "o-")
+        axis.set(title="val/accepted_tokens_per_step during training", xlabel="step", ylabel="tokens per step")
+        figure.tight_layout()
+        figure.savefig(output / "validation_curve.png", dpi=100)
+        made.append("validation_curve.png")
+    plt.close("all")
+    return made
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smoke-sized run (<= 10 minutes)")
+    parser.add_argument("--config", default="smollm2-135m.yaml")
+    parser.add_argument("--work-dir", type=Path, default=Path("runs/headline"))
+    parser.add_argument("--output", type=Path, default=None, help="default: docs/results/headline[-quick]")
+    parser.add_argument("--skip-fit", action="store_true", help="reuse the model already exported in --work-dir")
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], help="AR baselines (fastest wins)")
+    parser.add_argument("fit_args", nargs="*", help="extra overrides passed to `cllm fit` (after --)")
+    args = parser.parse_args()
+    name = "quick" if args.quick else "full"
+    profile = PROFILES[name]
+    output = args.output or Path("docs/results") / ("headline-quick" if args.quick else "headline")
+    work = args.work_dir / name
+    work.mkdir(parents=True, exist_ok=True)
+    output.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    exported = work / "cllm-model"
+    python = [sys.executable, "-m", "cllm"]
+    if not args.skip_fit:
+        fit = [
+            *python,
+            "fit",
+            "--config",
+            args.config,
+            f"--trainer.default_root_dir={work / 'fit'}",
+            f"--data.init_args.path={work / 'trajectories'}",
+            *profile["fit"],
+            *args.fit_args,
+        ]
+        run_stage("collect+fit", fit, work / "fit.log", timings)
+        export = [*python, "export", "--ckpt", str(latest_checkpoint(work / "fit")), "--output", str(exported)]
+        run_stage("export", export, work / "export.log", timings)
+
+    start = time.perf_counter()
+    prompt_sets = {key: load_prompts(source, limit=profile["quality_limit"]) for key, source in SETS.items()}
+    results = {
+        "profile": name,
+        "command": " ".join(["python benchmarks/headline.py", *sys.argv[1:]]),
+        "machine": f"{torch.get_num_threads()} torch threads, {sys.platform}",
+        "settings": {k: v for k, v in profile.items() if k != "fit"}
+        | {"fit_overrides": profile["fit"] + args.fit_args},
+        "timings": timings,
+        "models": {
+            "base": evaluate("smollm2-135m", prompt_sets, profile, args.dtypes),
+            "cllm": evaluate(str(exported), prompt_sets, profile, args.dtypes),
+        },
+        "validation_curve": validation_curve(work / "fit"),
+    }
+    for set_name in SETS:
+        base, cllm = results["models"]["base"][set_name], results["models"]["cllm"][set_name]
+        pairs = list(zip(cllm["outputs"], base["outputs"]))
+        cllm["exact_match_vs_base"] = sum(a == b for a, b in pairs) / len(pairs)
+        cllm["common_prefix_vs_base"] = sum(common_prefix_fraction(a, b) for a, b in pairs) / len(pairs)
+    timings["evaluate"] = time.perf_counter() - start
+    for model in results["models"].values():  # token lists are bulky; keep them out of the report JSON
+        for entry in model.values():
+            entry["output_lengths"] = [len(o) for o in entry.pop("outputs")]
+    results["plots"] = plots(results, output)
+    write_json(output / "results.json", results)
+    (output / "results.md").write_text(markdown(results))
+    print(markdown(results))
+    print(f"wrote {output}/results.json, results.md and {len(results['plots'])} plots")
+
+
+if __name__ == "__main__":
+    main()
