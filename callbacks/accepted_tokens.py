@@ -16,11 +16,10 @@ import time
 from dataclasses import dataclass
 
 import torch
-from cllm.data_modules.prompts import encode_prompts, load_prompts
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MaxMetric, MeanMetric, SumMetric
 
+from cllm.data_modules.prompts import encode_prompts, load_prompts
 from cllm.jacobi import jacobi_generate
 
 SAMPLE_COLUMNS = ["prompt", "base_output", "jacobi_output", "accepted_tokens_per_step"]
@@ -135,7 +134,8 @@ class AcceptedTokensCallback(Callback):
         for logger in trainer.loggers:
             logger.log_metrics(self.base, step=trainer.global_step)
         self._log_samples(trainer)
-        rank_zero_info(f"base model: {self._summary(self.base)}")
+        if trainer.is_global_zero:
+            print(f"base model: {self._summary(self.base)}", flush=True)
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.sanity_checking or not self._prompt_ids:
@@ -156,11 +156,14 @@ class AcceptedTokensCallback(Callback):
             self.last = self.measure(trainer, pl_module)
             for logger in trainer.loggers:
                 logger.log_metrics(self.last, step=trainer.global_step)
-        rank_zero_info(
+        if not trainer.is_global_zero:
+            return
+        print(
             f"accepted tokens per step (n={self._n(trainer)}, generated tokens / decode passes, AR = 1.0): "
             f"base {self.base['val/accepted_tokens_per_step']:.3f} -> trained "
             f"{self.last['val/accepted_tokens_per_step']:.3f} at step {trainer.global_step}\n"
-            f"  base:    {self._summary(self.base)}\n  trained: {self._summary(self.last)}"
+            f"  base:    {self._summary(self.base)}\n  trained: {self._summary(self.last)}",
+            flush=True,
         )
 
     # ---------------------------------------------------------------- measuring
