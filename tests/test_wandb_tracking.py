@@ -12,7 +12,7 @@ import torch
 from lightning.pytorch.demos.boring_classes import BoringModel
 
 from cllm.errors import UserError
-from cllm.lightning_cli import check_slurm_layout
+from cllm.slurm import check_slurm_layout
 from cllm.tracking import WandbLogger, read_offline_run, resolve_mode, slurm_run_id, wandb_api_key_configured
 
 HERE = Path(__file__).parent

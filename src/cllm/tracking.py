@@ -167,6 +167,8 @@ def _iter_payloads(data: bytes):
             continue
         _crc, length, kind = _CHUNK_HEADER.unpack_from(data, pos)
         pos += _CHUNK_HEADER.size
+        if pos + length > len(data):  # the last record of a run still being written
+            break
         chunk = data[pos : pos + length]
         pos += length
         if kind == 0 and length == 0:  # zero padding at the end of a file still being written
