@@ -17,12 +17,12 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from cllm.data_modules.prompts import Prompt, load_prompts
-from cllm.data_modules.records import Record, check_tokenizer, iter_lines, parse_record, read_manifest
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from cllm.data_modules.prompts import Prompt, load_prompts
+from cllm.data_modules.records import Record, check_tokenizer, iter_lines, parse_record, read_manifest
 from cllm.errors import UserError
 
 STATE_STRATEGIES = ("uniform", "all", "noise")
@@ -181,27 +181,19 @@ def collate(samples: list[dict], *, pad_id: int, n: int, max_length: int, next_s
         contexts.append(context[cut:])
         prompt_lengths.append(max(len(record.prompt_ids) - cut, 0))
     width = max(len(c) for c in contexts) + n
-    batch_size = len(samples)
-    input_ids = torch.full((batch_size, width), pad_id, dtype=torch.long)
-    fixed_point_ids = torch.full_like(input_ids, pad_id)
-    attention_mask = torch.zeros_like(input_ids)
-    next_state_ids = torch.full_like(input_ids, pad_id) if next_state else None
-    for row, (sample, context) in enumerate(zip(samples, contexts)):
-        length = len(context)
-        input_ids[row, : length + n] = torch.tensor(context + sample["state"])
-        fixed_point_ids[row, : length + n] = torch.tensor(context + sample["record"].fixed_point)
-        attention_mask[row, : length + n] = 1
-        if next_state_ids is not None:
-            next_state_ids[row, : length + n] = torch.tensor(context + sample["next_state"])
+
+    def padded(rows: list[list[int]], fill: int, size: int) -> torch.Tensor:
+        return torch.tensor([row + [fill] * (size - len(row)) for row in rows], dtype=torch.long)
+
     batch = {
-        "input_ids": input_ids,
-        "fixed_point_ids": fixed_point_ids,
-        "attention_mask": attention_mask,
+        "input_ids": padded([c + s["state"] for c, s in zip(contexts, samples)], pad_id, width),
+        "fixed_point_ids": padded([c + s["record"].fixed_point for c, s in zip(contexts, samples)], pad_id, width),
+        "attention_mask": padded([[1] * (len(c) + n) for c in contexts], 0, width),
         "block_start": torch.tensor([len(c) for c in contexts], dtype=torch.long),
         "prompt_length": torch.tensor(prompt_lengths, dtype=torch.long),
     }
-    if next_state_ids is not None:
-        batch["next_state_ids"] = next_state_ids
+    if next_state:
+        batch["next_state_ids"] = padded([c + s["next_state"] for c, s in zip(contexts, samples)], pad_id, width)
     if use_labels:
         labels = []
         for sample in samples:
@@ -210,11 +202,8 @@ def collate(samples: list[dict], *, pad_id: int, n: int, max_length: int, next_s
                 raise UserError(f"use_labels is on but record {record.prompt_id!r} block {record.block_index} has none")
             labels.append((record.prompt_ids + record.labels)[-max_length:])
         span = max(len(label) for label in labels)
-        batch["labels_ids"] = torch.full((batch_size, span), -100, dtype=torch.long)
-        batch["labels_attention_mask"] = torch.zeros((batch_size, span), dtype=torch.long)
-        for row, label in enumerate(labels):
-            batch["labels_ids"][row, : len(label)] = torch.tensor(label)
-            batch["labels_attention_mask"][row, : len(label)] = 1
+        batch["labels_ids"] = padded(labels, -100, span)
+        batch["labels_attention_mask"] = padded([[1] * len(label) for label in labels], 0, span)
     return batch
 
 
