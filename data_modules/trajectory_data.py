@@ -287,7 +287,8 @@ class TrajectoryDataModule(LightningDataModule):
         """Collect the trajectories (one process, batched) when the folder has no manifest yet."""
         if (self.path / "manifest.json").is_file():
             return
-        from cllm.trajectory import CollectConfig, run_collection
+        from cllm.collection import run_collection
+        from cllm.trajectory import CollectConfig
 
         h = self.hparams
         rank_zero_info(f"{self.path} has no manifest.json: collecting trajectories of {h.model} on {h.prompts}")
@@ -308,8 +309,8 @@ class TrajectoryDataModule(LightningDataModule):
         )
 
     def setup(self, stage: str | None = None) -> None:
+        from cllm.collection import load_tokenizer
         from cllm.models import tokenizer_fingerprint
-        from cllm.trajectory import load_tokenizer
 
         if self.manifest is not None:
             return

@@ -6,10 +6,11 @@ import json
 
 import pytest
 import torch
-from cllm.data_modules.records import read_manifest, read_records
 
+from cllm.collection import Collector, write_dataset_manifest
+from cllm.data_modules.records import read_manifest, read_records
 from cllm.models import load_model
-from cllm.trajectory import CollectConfig, Collector, collect_trajectories, main, write_dataset_manifest
+from cllm.trajectory import CollectConfig, collect_trajectories, main
 
 N = 4
 MAX_NEW = 13

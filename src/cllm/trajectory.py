@@ -8,16 +8,13 @@ until the state repeats; that state is the fixed point y* (= the next n tokens o
 next block's context is c + y*, and a prompt stops at EOS or after `max_new_tokens` generated tokens.
 After iteration t the first t tokens are final, so a block needs at most n + 1 passes.
 
-`collect_dataset` turns a prompt set into shards of a fixed prompt range (resumable: a finished shard is never
-redone; every row draws its initial guesses from its own seeded generator, so the records do not depend on the
-batch, the rank or an interruption) and `write_dataset_manifest` lists them. `python -m cllm trajectories`
-runs both, on one process or through Lightning's `Trainer.predict` on every device and node it is given.
+Every row draws its initial guesses from its own seeded generator, so its records depend neither on the batch,
+nor the rank, nor an interruption. `python -m cllm trajectories` (`main`) runs `cllm.collection.run_collection`
+(shards, resume, distribution, manifest) or the importer of the official CLLM JSON.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import random
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -26,17 +23,6 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
-from cllm.data_modules.prompts import encode_prompts, load_prompts
-from cllm.data_modules.records import (
-    MANIFEST_NAME,
-    SHARD_PATTERN,
-    Record,
-    atomic_write_text,
-    longest_run,
-    shard_entry,
-    write_manifest,
-    write_shard,
-)
 from cllm.errors import UserError
 from cllm.jacobi import INIT_STRATEGIES, initial_guess
 
@@ -226,227 +212,6 @@ def row_seed(seed: int, prompt_index: int) -> int:
     return seed * 1_000_003 + prompt_index
 
 
-def load_tokenizer(spec: str):
-    """The tokenizer of a model spec without loading the weights (pad token set as `load_model` does)."""
-    from transformers import AutoTokenizer
-
-    from cllm import models
-
-    if spec == "tiny" or spec.startswith("tiny:"):
-        return models.build_tiny_tokenizer()
-    tokenizer = AutoTokenizer.from_pretrained(models._local_folder(spec))
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
-class Collector:
-    """One process's share of a collection: loads prompts and the model, writes the shards of its rank."""
-
-    def __init__(self, config: CollectConfig, model=None, tokenizer=None) -> None:
-        from cllm.models import context_length, load_model, model_fingerprint, tokenizer_fingerprint
-
-        self.config = config
-        self.folder = Path(config.output)
-        if config.init not in INIT_STRATEGIES:
-            raise UserError(f"--init {config.init!r} is not one of {INIT_STRATEGIES}")
-        if model is None:
-            model, tokenizer = load_model(
-                config.model, dtype=config.dtype, attn_implementation=config.attn_implementation
-            )
-        self.model, self.tokenizer = model, tokenizer
-        self.generated_tokens = 0
-        self.prompts = load_prompts(
-            config.prompts, prompt_field=config.prompt_field, answer_field=config.answer_field, limit=config.limit
-        )
-        budget = context_length(model) - math.ceil(config.max_new_tokens / config.n) * config.n
-        self.prompt_ids = encode_prompts(tokenizer, self.prompts, config.chat_template, budget, config.prompts)
-        if config.labels and any(p.answer is None for p in self.prompts):
-            missing = next(p.id for p in self.prompts if p.answer is None)
-            raise UserError(f"--labels needs ground-truth answers; prompt {missing!r} of {config.prompts} has none")
-        self.settings = {
-            "model": config.model,
-            "model_fingerprint": model_fingerprint(model),
-            "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
-            "n": config.n,
-            "max_new_tokens": config.max_new_tokens,
-            "init": config.init,
-            "seed": config.seed,
-            "prompts": config.prompts,
-            "prompt_count": len(self.prompts),
-            "chat_template": config.chat_template,
-            "clean": config.clean,
-            "augment": config.augment,
-            "labels": config.labels,
-            "shard_size": config.shard_size,
-            "dtype": config.dtype,
-        }
-
-    def check_settings(self) -> None:
-        """A resumed run must use the settings of the first one, else its shards would mix two datasets."""
-        path = self.folder / SETTINGS_NAME
-        if path.is_file():
-            previous = json.loads(path.read_text(encoding="utf-8"))
-            changed = {k: (previous.get(k), v) for k, v in self.settings.items() if previous.get(k) != v}
-            if changed:
-                detail = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
-                raise UserError(
-                    f"{path}: {self.folder} holds a collection with other settings ({detail}); "
-                    "use another --output or delete the folder"
-                )
-        else:
-            atomic_write_text(path, json.dumps(self.settings, indent=2) + "\n")
-
-    @property
-    def shard_count(self) -> int:
-        return math.ceil(len(self.prompts) / self.config.shard_size)
-
-    def pending_shards(self, rank: int = 0, world_size: int = 1) -> list[int]:
-        done = {k for k in range(self.shard_count) if (self.folder / SHARD_PATTERN.format(index=k)).is_file()}
-        return [k for k in range(rank, self.shard_count, world_size) if k not in done]
-
-    def collect_shard(self, index: int, progress=None) -> None:
-        """Collect the prompts of shard `index` and write it (meta first, then the shard: its presence = done)."""
-        config = self.config
-        start, stop = index * config.shard_size, min((index + 1) * config.shard_size, len(self.prompts))
-        records, dropped, tokens, batch_tokens = [], 0, 0, 0
-        eos = self.tokenizer.eos_token_id
-        for batch_start in range(start, stop, config.batch_size):
-            batch = range(batch_start, min(batch_start + config.batch_size, stop))
-            blocks = collect_trajectories(
-                self.model,
-                [self.prompt_ids[i] for i in batch],
-                n=config.n,
-                max_new_tokens=config.max_new_tokens,
-                eos_token_id=eos,
-                pad_token_id=self.tokenizer.pad_token_id or 0,
-                init=config.init,
-                seeds=[row_seed(config.seed, i) for i in batch],
-            )
-            for i, prompt_blocks in zip(batch, blocks):
-                new, count = self._records(i, prompt_blocks)
-                records += new
-                dropped += count
-                batch_tokens += sum(len(states[-1]) for _, states in prompt_blocks)
-            tokens += batch_tokens
-            self.generated_tokens += batch_tokens
-            batch_tokens = 0
-            if progress is not None:
-                progress.update(len(batch))
-                elapsed = max(progress.format_dict["elapsed"], 1e-9)
-                progress.set_postfix(tokens_per_s=f"{self.generated_tokens / elapsed:.1f}")
-        meta = {"prompts": [start, stop], "records": len(records), "dropped_repetitive": dropped, "tokens": tokens}
-        atomic_write_text(self.folder / f"shard-{index:05d}.meta.json", json.dumps(meta) + "\n")
-        write_shard(self.folder / SHARD_PATTERN.format(index=index), records)
-
-    def _records(self, index: int, prompt_blocks) -> tuple[list[Record], int]:
-        prompt = self.prompts[index]
-        labels = None
-        if self.config.labels:
-            answer_ids = self.tokenizer(prompt.answer, add_special_tokens=False)["input_ids"]
-            labels = answer_ids + [self.tokenizer.eos_token_id]
-        records, dropped = [], 0
-        for block_index, (prefix, states) in enumerate(prompt_blocks):
-            if self.config.clean and longest_run(states[-1]) >= REPETITION_LIMIT:
-                dropped += 1
-                continue
-            augmented = []
-            if self.config.augment:
-                augmented = augment_states(states, random.Random(row_seed(self.config.seed, index) * 997 + block_index))
-            records.append(
-                Record(prompt.id, block_index, list(self.prompt_ids[index]), prefix, states, labels, augmented)
-            )
-        return records, dropped
-
-    def run(self, rank: int = 0, world_size: int = 1, show_progress: bool = True) -> None:
-        from tqdm import tqdm
-
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self.check_settings()
-        pending = self.pending_shards(rank, world_size)
-        total = sum(min(self.config.shard_size, len(self.prompts) - k * self.config.shard_size) for k in pending)
-        with tqdm(total=total, unit="prompt", disable=not show_progress, desc=f"trajectories (rank {rank})") as bar:
-            for index in pending:
-                self.collect_shard(index, bar)
-
-
-def write_dataset_manifest(folder: Path, settings: dict, extra: dict | None = None) -> dict:
-    """List every shard with its record count and sha256; sum the per-shard statistics (rank 0, at the end)."""
-    shards, stats = [], {"prompts": 0, "records": 0, "dropped_repetitive": 0, "generated_tokens": 0}
-    for path in sorted(folder.glob("shard-*.jsonl")):
-        shards.append(shard_entry(folder, path))
-        meta_path = path.with_suffix(".meta.json")
-        if meta_path.is_file():
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
-            stats["prompts"] += meta["prompts"][1] - meta["prompts"][0]
-            stats["dropped_repetitive"] += meta.get("dropped_repetitive", 0)
-            stats["generated_tokens"] += meta.get("tokens", 0)
-        stats["records"] += shards[-1]["records"]
-    extra = dict(extra or {})
-    stats.update(extra.pop("stats", {}))  # an import knows its prompt count without per-shard meta files
-    manifest = {**settings, **extra, "shards": shards, "stats": stats}
-    write_manifest(folder, manifest)
-    return manifest
-
-
-class _PredictCollector:
-    """Builds the LightningModule that lets `Trainer.predict` spread shards over every device and node."""
-
-    @staticmethod
-    def make(collector: Collector):
-        from lightning.pytorch import LightningModule
-        from torch.utils.data import DataLoader
-
-        class CollectionModule(LightningModule):
-            def __init__(self) -> None:
-                super().__init__()
-                self.model = collector.model
-
-            def predict_dataloader(self):
-                # Our own split (shard k goes to rank k mod world): a distributed sampler would pad with repeats.
-                pending = collector.pending_shards(self.global_rank, self.trainer.world_size)
-                return DataLoader(pending, batch_size=None, shuffle=False)
-
-            def predict_step(self, index, batch_idx):
-                collector.collect_shard(int(index))
-
-        return CollectionModule()
-
-
-def run_collection(config: CollectConfig) -> dict:
-    """Collect (single process, or Trainer.predict over `devices` x `num_nodes`), then write the manifest."""
-    collector = Collector(config)
-    if config.devices == 1 and config.num_nodes == 1:
-        collector.run()
-    else:
-        from lightning.pytorch import Trainer
-
-        collector.folder.mkdir(parents=True, exist_ok=True)
-        collector.check_settings()
-        trainer = Trainer(
-            accelerator=config.accelerator,
-            devices=config.devices,
-            num_nodes=config.num_nodes,
-            strategy="ddp",
-            logger=False,
-            enable_checkpointing=False,
-            use_distributed_sampler=False,
-            enable_progress_bar=True,
-        )
-        trainer.predict(_PredictCollector.make(collector), return_predictions=False)
-        trainer.strategy.barrier()
-        if trainer.global_rank != 0:
-            return {}
-    manifest = write_dataset_manifest(collector.folder, collector.settings)
-    stats = manifest["stats"]
-    print(
-        f"{collector.folder / MANIFEST_NAME}: {stats['records']} records from {stats['prompts']} prompts in "
-        f"{len(manifest['shards'])} shards; {stats['generated_tokens']} generated tokens"
-        + (f"; cleaning dropped {stats['dropped_repetitive']} repetitive records" if config.clean else "")
-    )
-    return manifest
-
-
 def main(argv: list[str]) -> None:
     """`python -m cllm trajectories --config C.yaml --model ... --prompts ... --output ...` (see CollectConfig)."""
     from jsonargparse import ActionConfigFile, ArgumentParser
@@ -454,11 +219,24 @@ def main(argv: list[str]) -> None:
     parser = ArgumentParser(prog="cllm trajectories", description=__doc__.splitlines()[0])
     parser.add_argument("--config", action=ActionConfigFile, help="YAML file with any of the options below")
     parser.add_class_arguments(CollectConfig, fail_untyped=True)
-    parsed = parser.parse_args(argv)
+    parsed = parser.parse_args(bare_flags_to_true(argv, ("chat_template", "clean", "augment", "labels")))
     config = CollectConfig(**{name: parsed[name] for name in asdict(CollectConfig())})
+    from cllm.collection import run_collection
+
     if config.import_official:
         from cllm.official_import import import_official
 
         import_official(Path(config.import_official), config)
         return
     run_collection(config)
+
+
+def bare_flags_to_true(argv: list[str], names: tuple[str, ...]) -> list[str]:
+    """Let `--clean` mean `--clean true` (jsonargparse booleans otherwise need a value)."""
+    result = []
+    for i, arg in enumerate(argv):
+        following = argv[i + 1] if i + 1 < len(argv) else "--"
+        if arg.startswith("--") and arg[2:] in names and following.startswith("--"):
+            arg += "=true"
+        result.append(arg)
+    return result
