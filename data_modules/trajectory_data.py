@@ -10,6 +10,7 @@ end; that count comes from one scan of the shards in `setup`, which also validat
 from __future__ import annotations
 
 import hashlib
+import math
 import random
 from array import array
 from collections.abc import Iterator
@@ -28,10 +29,14 @@ from cllm.errors import UserError
 STATE_STRATEGIES = ("uniform", "all", "noise")
 
 
-def is_validation(prompt_id: str, val_fraction: float) -> bool:
+def prompt_hash(prompt_id: str) -> float:
+    """A prompt id's place in [0, 1): the held-out split takes hashes below the validation threshold."""
+    return int.from_bytes(hashlib.sha256(prompt_id.encode()).digest()[:8], "big") / 2**64
+
+
+def is_validation(prompt_id: str, threshold: float) -> bool:
     """Held-out split by a hash of the prompt id: all blocks of a prompt land on the same side."""
-    value = int.from_bytes(hashlib.sha256(prompt_id.encode()).digest()[:8], "big") / 2**64
-    return value < val_fraction
+    return prompt_hash(prompt_id) < threshold
 
 
 def candidate_states(record: Record, next_state: bool) -> list[tuple[list[int], list[int] | None]]:
@@ -328,22 +333,29 @@ class TrajectoryDataModule(LightningDataModule):
     def _scan(self) -> None:
         """One pass over every line: validates it, counts samples per split, counts over-long contexts."""
         h = self.hparams
-        self._samples = {False: array("H"), True: array("H")}  # 2 bytes per record and split: fine at 10^8
+        hashes, counts = array("d"), array("H")  # 10 bytes per record: fine at 10^8 records
         truncated = total = 0
         for shard in self.manifest["shards"]:
             path = self.path / shard["file"]
             lines = 0
             for number, line in iter_lines(path):
                 record = parse_record(line, f"{path}:{number}", self.n)
-                held_out = is_validation(record.prompt_id, h.val_fraction)
-                count = samples_per_record(record, h.state_strategy, h.next_state)
-                self._samples[held_out].append(count)
-                self._samples[not held_out].append(0)
+                hashes.append(prompt_hash(record.prompt_id))
+                counts.append(samples_per_record(record, h.state_strategy, h.next_state))
                 truncated += len(record.context) > h.max_length - self.n
                 total += 1
                 lines += 1
             if lines != shard["records"]:
                 raise UserError(f"{path}: {lines} records, the manifest says {shard['records']}; the shard changed")
+        # A small dataset may have no prompt below val_fraction: then hold out the lowest-hashed prompt, so the
+        # validation loop (and the accepted-tokens callback with it) still runs.
+        self.val_threshold = h.val_fraction
+        if h.val_fraction > 0 and hashes and min(hashes) >= h.val_fraction:
+            self.val_threshold = math.nextafter(min(hashes), 1.0)
+        self._samples = {
+            held_out: array("H", (c if (x < self.val_threshold) == held_out else 0 for x, c in zip(hashes, counts)))
+            for held_out in (False, True)
+        }
         if truncated:
             rank_zero_warn(
                 f"{truncated} of {total} records have contexts longer than max_length - n = {h.max_length - self.n} "
@@ -360,7 +372,7 @@ class TrajectoryDataModule(LightningDataModule):
             self.manifest["shards"],
             n=self.n,
             validation=validation,
-            val_fraction=h.val_fraction,
+            val_fraction=self.val_threshold,
             strategy=h.state_strategy,
             next_state=h.next_state,
             shuffle=not validation,

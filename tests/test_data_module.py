@@ -171,3 +171,12 @@ def test_stream_without_trainer_is_a_plain_iterable(tmp_path):
         shuffle=False,
     )
     assert [s["record"].prompt_id for s in stream] == [r.prompt_id for r in records]
+
+
+def test_a_small_dataset_still_holds_out_one_prompt(tmp_path):
+    make_dataset(tmp_path, records_per_shard=(4,))
+    dm = TrajectoryDataModule(str(tmp_path), "tiny", n=N, batch_size=2, val_fraction=1e-9)
+    dm.setup()
+    val = {row[3] for batch in dm.val_dataloader() for row in batch["input_ids"].tolist()}
+    train = {row[3] for batch in dm.train_dataloader() for row in batch["input_ids"].tolist()}
+    assert len(val) == 1 and train == set(range(4)) - val
