@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from lightning.pytorch.demos.boring_classes import BoringModel
 
 from cllm import ablate
@@ -56,21 +57,40 @@ def test_plan_and_delta(tmp_path: Path) -> None:
         ablate.overlay_files([str(tmp_path / "missing.yaml")])
 
 
-def test_fit_args_name_the_wandb_run(tmp_path: Path) -> None:
-    base = _write(tmp_path / "base.yaml", "trainer:\n  logger: {class_path: cllm.tracking.WandbLogger}\n")
+def test_fit_args_point_every_logger_at_the_run_folder(tmp_path: Path) -> None:
+    base = _write(
+        tmp_path / "base.yaml",
+        "trainer:\n  logger:\n"
+        "    - {class_path: lightning.pytorch.loggers.CSVLogger, init_args: {save_dir: runs/x, name: logs}}\n"
+        "    - {class_path: cllm.tracking.WandbLogger, init_args: {project: p}}\n",
+    )
     overlay = _write(tmp_path / "n8.yaml", "model: {init_args: {n: 8}}\n")
-    args = ablate.fit_args(str(base), "n8", overlay, tmp_path / "root", ["--trainer.max_steps=2"])
+    root = tmp_path / "root"
+    args = ablate.fit_args(str(base), "n8", overlay, root, ["--trainer.max_steps=2"])
+    logger_config = root / "n8" / ablate.LOGGERS
     assert args == [
-        "--config",
-        str(base),
-        "--config",
-        str(overlay),
-        f"--trainer.default_root_dir={tmp_path / 'root' / 'n8'}",
-        "--trainer.logger.init_args.name=n8",
+        *("--config", str(base), "--config", str(overlay), "--config", str(logger_config)),
+        f"--trainer.default_root_dir={root / 'n8'}",
         "--trainer.max_steps=2",
     ]
+    ablate.write_logger_config(str(base), "n8", overlay, root)
+    loggers = yaml.safe_load(logger_config.read_text())["trainer"]["logger"]
+    assert loggers == [
+        {
+            "class_path": "lightning.pytorch.loggers.CSVLogger",
+            "init_args": {"save_dir": str(root / "n8"), "name": "logs"},
+        },
+        {
+            "class_path": "cllm.tracking.WandbLogger",
+            "init_args": {"project": "p", "save_dir": str(root / "n8"), "name": "n8"},
+        },
+    ]
     no_logger = _write(tmp_path / "nolog.yaml", "trainer: {logger: false}\n")
-    assert not any("logger" in a for a in ablate.fit_args(str(no_logger), "x", None, tmp_path, []))
+    assert ablate.fit_args(str(no_logger), "x", None, root, []) == [
+        "--config",
+        str(no_logger),
+        f"--trainer.default_root_dir={root / 'x'}",
+    ]
 
 
 def test_collect_reads_csv_history_and_keeps_prose(tmp_path: Path) -> None:

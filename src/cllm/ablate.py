@@ -32,6 +32,7 @@ from cllm.errors import UserError
 
 BASELINE = "baseline"
 RECORD = "ablate.json"  # per run: command, return code, seconds, overlay delta
+LOGGERS = "loggers.yaml"  # per run: the loggers of the base/overlay, writing into the run folder
 # Shown first, in this order, when present; then any other val/* metric, then train losses.
 PREFERRED = (
     "val/accepted_tokens_per_step",
@@ -91,25 +92,43 @@ def plan_runs(overlays: list[Path], baseline: bool) -> list[tuple[str, Path | No
     return ([(BASELINE, None)] if baseline else []) + [(path.stem, path) for path in overlays]
 
 
-def _logger_classes(config_files: list[str]) -> list[str]:
-    classes = []
+def run_loggers(config_files: list[str], name: str, run_dir: Path) -> list[dict[str, Any]]:
+    """The configs' loggers with every `save_dir` set to the run folder (and a W&B run named after the run).
+
+    Written as an extra `--config` so every logger of every run writes under ROOT/NAME, whatever the base says.
+    Empty when the configs set no logger (Lightning's default CSVLogger already writes under default_root_dir).
+    """
+    entries: list[Any] = []
     for file in config_files:
         data = yaml.safe_load(Path(file).read_text()) or {}
         logger = (data.get("trainer") or {}).get("logger")
         if logger is not None:  # a later config replaces the logger of an earlier one
             entries = logger if isinstance(logger, list) else [logger]
-            classes = [e.get("class_path", "") for e in entries if isinstance(e, dict)]
-    return classes
+    loggers = []
+    for entry in entries:
+        if not isinstance(entry, dict) or "class_path" not in entry:
+            continue
+        init_args = {**(entry.get("init_args") or {}), "save_dir": str(run_dir)}
+        if entry["class_path"] == "cllm.tracking.WandbLogger":
+            init_args["name"] = name  # the W&B run reads like the run folder
+        loggers.append({"class_path": entry["class_path"], "init_args": init_args})
+    return loggers
 
 
 def fit_args(base: str, name: str, overlay: Path | None, root: Path, extra: list[str]) -> list[str]:
-    """Arguments of `cllm fit` for one run (after the `fit`)."""
+    """Arguments of `cllm fit` for one run (after the `fit`); see `write_logger_config` for the last `--config`."""
     configs = [base] + ([str(overlay)] if overlay else [])
+    if run_loggers(configs, name, root / name):
+        configs.append(str(root / name / LOGGERS))
     args = [part for config in configs for part in ("--config", config)]
-    args.append(f"--trainer.default_root_dir={root / name}")
-    if _logger_classes(configs) == ["cllm.tracking.WandbLogger"]:
-        args.append(f"--trainer.logger.init_args.name={name}")  # the W&B run reads like the run folder
-    return args + extra
+    return [*args, f"--trainer.default_root_dir={root / name}", *extra]
+
+
+def write_logger_config(base: str, name: str, overlay: Path | None, root: Path) -> None:
+    configs = [base] + ([str(overlay)] if overlay else [])
+    loggers = run_loggers(configs, name, root / name)
+    if loggers:
+        _write_atomic(root / name / LOGGERS, yaml.safe_dump({"trainer": {"logger": loggers}}, sort_keys=False))
 
 
 def overlay_delta(overlay: Path | None) -> str:
@@ -159,6 +178,7 @@ def run_all(args: argparse.Namespace, extra: list[str]) -> None:
         print("cllm " + " ".join(argv), flush=True)
         if args.dry_run:
             continue
+        write_logger_config(base, name, overlay, root)
         record = {"name": name, "base": base, "overlay": str(overlay) if overlay else None}
         record["delta"] = overlay_delta(overlay)
         started = time.time()
