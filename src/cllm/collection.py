@@ -14,6 +14,8 @@ import math
 import random
 from pathlib import Path
 
+import torch
+
 from cllm.data_modules.prompts import encode_prompts, load_prompts
 from cllm.data_modules.records import (
     MANIFEST_NAME,
@@ -54,7 +56,7 @@ def load_tokenizer(spec: str):
 class Collector:
     """One process's share of a collection: loads prompts and the model, writes the shards of its rank."""
 
-    def __init__(self, config: CollectConfig, model=None, tokenizer=None) -> None:
+    def __init__(self, config: CollectConfig, model=None, tokenizer=None, device: str = "cpu") -> None:
         from cllm.models import context_length, load_model, model_fingerprint, tokenizer_fingerprint
 
         self.config = config
@@ -63,7 +65,7 @@ class Collector:
             raise UserError(f"--init {config.init!r} is not one of {INIT_STRATEGIES}")
         if model is None:
             model, tokenizer = load_model(
-                config.model, dtype=config.dtype, attn_implementation=config.attn_implementation
+                config.model, dtype=config.dtype, attn_implementation=config.attn_implementation, device=device
             )
         self.model, self.tokenizer = model, tokenizer
         self.generated_tokens = 0
@@ -226,8 +228,11 @@ class _PredictCollector:
 
 def run_collection(config: CollectConfig) -> dict:
     """Collect (single process, or Trainer.predict over `devices` x `num_nodes`), then write the manifest."""
-    collector = Collector(config)
-    if config.devices == 1 and config.num_nodes == 1:
+    single = config.devices == 1 and config.num_nodes == 1
+    # One process picks the GPU itself; under Trainer.predict, Lightning moves each rank's copy to its device.
+    use_cuda = single and config.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    collector = Collector(config, device="cuda" if use_cuda else "cpu")
+    if single:
         collector.run()
     else:
         from lightning.pytorch import Trainer
