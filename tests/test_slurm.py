@@ -7,6 +7,7 @@ answers. SLURM_CONF is taken from the environment, else from the local cluster's
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shutil
 import subprocess
@@ -146,3 +147,20 @@ def test_requeue_resumes_at_the_saved_step(slurm: dict[str, str], workdir: Path)
     # Both attempts wrote into the same W&B run (id derived from the job id).
     run_ids = [read_offline_run(p).run_id for p in run_dir.glob("wandb/offline-run-*")]
     assert len(run_ids) == 2 and len(set(run_ids)) == 1 and run_ids[0].endswith(f"-{job}")
+
+
+def test_trajectories_sbatch_collects_over_two_ranks(slurm: dict[str, str], workdir: Path) -> None:
+    command = ["sbatch", "--parsable", "--ntasks-per-node=2", "--cpus-per-task=1", "--gres=none", "--time=10"]
+    command += [f"--chdir={workdir}", f"--output={workdir}/job-%j.out", str(REPO / "scripts/slurm/trajectories.sbatch")]
+    command += ["--model", "tiny", "--prompts", "stdlib-code:train", "--limit", "8", "--n", "4"]
+    command += ["--max_new_tokens", "16", "--chat_template", "false", "--shard_size", "2", "--output", "collected"]
+    proc = subprocess.run(command, env=slurm, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    job = proc.stdout.strip().split(";")[0]
+    output = workdir / f"job-{job}.out"
+    info = wait_for(slurm, job, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), 300, output)
+    log = output.read_text()
+    assert info["JobState"] == "COMPLETED", log[-4000:]
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in log
+    manifest = json.loads((workdir / "collected" / "manifest.json").read_text())
+    assert len(manifest["shards"]) == 4 and sum(s["records"] for s in manifest["shards"]) > 0
