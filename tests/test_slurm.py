@@ -145,8 +145,13 @@ def test_requeue_resumes_at_the_saved_step(slurm: dict[str, str], workdir: Path)
     assert max(first) == saved_step - 1
     assert list((run_dir / "logs" / "version_1" / "checkpoints").glob(f"*-step={max_steps}.ckpt"))
     # Both attempts wrote into the same W&B run (id derived from the job id).
-    run_ids = [read_offline_run(p).run_id for p in run_dir.glob("wandb/offline-run-*")]
-    assert len(run_ids) == 2 and len(set(run_ids)) == 1 and run_ids[0].endswith(f"-{job}")
+    runs = [read_offline_run(p) for p in sorted(run_dir.glob("wandb/offline-run-*"))]
+    assert len(runs) == 2 and {r.run_id for r in runs} == {runs[0].run_id} and runs[0].run_id.endswith(f"-{job}")
+    # The resolved config, the module's metrics and the callback's sample table are in the W&B run.
+    last = runs[1]
+    assert last.config["model"]["class_path"] == "cllm.module.CLLMModule" and last.config["trainer"]["max_steps"] == 40
+    assert "train/loss" in last.summary and "val/accepted_tokens_per_step" in last.summary
+    assert last.summary["val/samples"]["_type"] == "table-file"
 
 
 def test_trajectories_sbatch_collects_over_two_ranks(slurm: dict[str, str], workdir: Path) -> None:

@@ -11,8 +11,6 @@ import pytest
 import torch
 from lightning.pytorch.demos.boring_classes import BoringModel
 
-from cllm.errors import UserError
-from cllm.slurm import check_slurm_layout
 from cllm.tracking import WandbLogger, read_offline_run, resolve_mode, slurm_run_id, wandb_api_key_configured
 
 HERE = Path(__file__).parent
@@ -59,34 +57,6 @@ def test_slurm_run_id_is_stable_per_job() -> None:
     assert slurm_run_id({"SLURM_JOB_ID": "17", "SLURM_CLUSTER_NAME": "c"}) == "slurm-c-17"
     array = {"SLURM_JOB_ID": "21", "SLURM_ARRAY_JOB_ID": "20", "SLURM_ARRAY_TASK_ID": "1", "SLURM_CLUSTER_NAME": "c"}
     assert slurm_run_id(array) == "slurm-c-20_1"
-
-
-def test_slurm_layout_mismatch_names_the_settings() -> None:
-    env = {"SLURM_NTASKS": "4", "SLURM_NTASKS_PER_NODE": "2", "SLURM_NNODES": "2", "SLURM_JOB_NAME": "fit"}
-    check_slurm_layout(2, 2, env)
-    check_slurm_layout("auto", 2, env)  # Lightning decides, nothing to compare
-    with pytest.raises(UserError, match=r"--trainer.devices=2.*--ntasks-per-node=4"):
-        check_slurm_layout(4, 2, env)
-    with pytest.raises(UserError, match=r"--trainer.num_nodes=2.*--nodes=1"):
-        check_slurm_layout(2, 1, env)
-    with pytest.raises(UserError, match="--ntasks-per-node"):
-        check_slurm_layout(2, 1, {"SLURM_NTASKS": "2", "SLURM_JOB_NAME": "fit"})
-    check_slurm_layout(4, 1, {**env, "SLURM_JOB_NAME": "bash"})  # interactive: not Lightning's SLURM mode
-
-
-def test_slurm_layout_error_from_cli(tmp_path: Path) -> None:
-    env = _stub_env(tmp_path)
-    env.update(SLURM_NTASKS="2", SLURM_NTASKS_PER_NODE="2", SLURM_NNODES="1", SLURM_JOB_NAME="fit")
-    config = _write_config(tmp_path, logger="false")
-    proc = subprocess.run(
-        [sys.executable, "-m", "cllm", "fit", "--config", str(config), "--trainer.devices=3"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 2, proc.stderr
-    assert "set --trainer.devices=2" in proc.stderr and "--ntasks-per-node=3" in proc.stderr
 
 
 def _stub_env(home: Path) -> dict[str, str]:

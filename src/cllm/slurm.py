@@ -49,7 +49,9 @@ class SLURMRequeue(Callback):
         self.requested = False
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        # Single-device strategies have no cluster_environment; the connector holds it for every strategy.
         environment = getattr(trainer.strategy, "cluster_environment", None)
+        environment = environment or trainer._accelerator_connector.cluster_environment
         if stage != "fit" or not isinstance(environment, SLURMEnvironment) or not environment.auto_requeue:
             return
         self.active = True
