@@ -82,7 +82,7 @@ def test_fit_args_point_every_logger_at_the_run_folder(tmp_path: Path) -> None:
         },
         {
             "class_path": "cllm.tracking.WandbLogger",
-            "init_args": {"project": "p", "save_dir": str(root / "n8"), "name": "n8"},
+            "init_args": {"project": "p", "save_dir": str(root / "n8"), "name": "n8", "group": "root", "tags": ["n8"]},
         },
     ]
     no_logger = _write(tmp_path / "nolog.yaml", "trainer: {logger: false}\n")

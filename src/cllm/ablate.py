@@ -93,7 +93,7 @@ def plan_runs(overlays: list[Path], baseline: bool) -> list[tuple[str, Path | No
 
 
 def run_loggers(config_files: list[str], name: str, run_dir: Path) -> list[dict[str, Any]]:
-    """The configs' loggers with every `save_dir` set to the run folder (and a W&B run named after the run).
+    """The configs' loggers with every `save_dir` set to the run folder; a W&B run named, grouped and tagged.
 
     Written as an extra `--config` so every logger of every run writes under ROOT/NAME, whatever the base says.
     Empty when the configs set no logger (Lightning's default CSVLogger already writes under default_root_dir).
@@ -110,7 +110,10 @@ def run_loggers(config_files: list[str], name: str, run_dir: Path) -> list[dict[
             continue
         init_args = {**(entry.get("init_args") or {}), "save_dir": str(run_dir)}
         if entry["class_path"] == "cllm.tracking.WandbLogger":
-            init_args["name"] = name  # the W&B run reads like the run folder
+            # One W&B group per sweep (ROOT's name), the run and a tag named after the overlay: compare in the UI.
+            init_args["name"] = name
+            init_args.setdefault("group", run_dir.parent.name)
+            init_args["tags"] = [*(init_args.get("tags") or []), name]
         loggers.append({"class_path": entry["class_path"], "init_args": init_args})
     return loggers
 
