@@ -100,9 +100,12 @@ def test_collect_reads_csv_history_and_keeps_prose(tmp_path: Path) -> None:
         writer = csv.writer(f)
         writer.writerow(["epoch", "step", "train/loss", "val/accepted_tokens_per_step"])
         writer.writerows([[0, 0, "", 1.1], [0, 4, 2.5, ""], [0, 9, 1.25, 2.0]])
+    # A run that failed before logging anything still gets its row.
+    _write(tmp_path / "root" / "n32" / ablate.RECORD, '{"delta": "data.n=32", "returncode": 1}')
     columns, rows = ablate.collect(tmp_path / "root")
     assert columns[:4] == ["run", "change", "status", "step"]
-    assert rows == [
+    assert rows[1] == {"run": "n32", "change": "data.n=32", "status": "failed"}
+    assert rows[:1] == [
         {
             "run": "baseline",
             "change": "",
@@ -117,6 +120,7 @@ def test_collect_reads_csv_history_and_keeps_prose(tmp_path: Path) -> None:
     output = _write(
         tmp_path / "docs" / "ablations.md", f"# Ablations\n\nprose\n\n{ablate.BEGIN}\nold\n{ablate.END}\ntail\n"
     )
+    rows = rows[:1]
     ablate.write_report(output, ablate.render_markdown(columns, rows, tmp_path), ablate.render_csv(columns, rows))
     text = output.read_text()
     assert "prose" in text and "tail" in text and "old" not in text

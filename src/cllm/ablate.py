@@ -256,12 +256,12 @@ def collect(root: Path) -> tuple[list[str], list[dict[str, Any]]]:
     for folder in folders:
         record = json.loads((folder / RECORD).read_text()) if (folder / RECORD).is_file() else {}
         metrics = final_metrics(folder)
-        if not metrics:
-            continue
+        if not metrics and not record:
+            continue  # not a run folder
         keys |= set(metrics)
-        status = "failed" if record.get("returncode") else "ok"
+        status = "failed" if record.get("returncode") else ("ok" if metrics else "no metrics")
         rows.append({"run": folder.name, "change": record.get("delta", ""), "status": status, **metrics})
-    if not rows:
+    if not keys:
         raise UserError(f"--collect {root}: no run folder with a metrics.csv or W&B run files")
     ordered = [k for k in ("base/accepted_tokens_per_step", *PREFERRED) if k in keys]
     ordered += sorted(k for k in keys if k.startswith("val/") and k not in ordered and k not in SKIPPED)
