@@ -260,6 +260,7 @@ def main() -> None:
             "--config",
             args.config,
             f"--trainer.default_root_dir={work / 'fit'}",
+            f"--trainer.logger.init_args.save_dir={work / 'fit'}",
             f"--data.init_args.path={work / 'trajectories'}",
             *profile["fit"],
             *args.fit_args,
