@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -145,16 +146,35 @@ def test_index_count_and_dry_run(tmp_path: Path, capsys: pytest.CaptureFixture) 
         ablate.main([*common, "--index", "2"])
 
 
-@pytest.mark.slow
-def test_real_sweep_then_collect(tmp_path: Path) -> None:
-    base = _write(
-        tmp_path / "base.yaml",
+def _stub_base(folder: Path) -> Path:
+    return _write(
+        folder / "base.yaml",
         "model: {class_path: test_ablate.AcceptingBoringModel}\n"
         "data: {class_path: lightning.pytorch.demos.boring_classes.BoringDataModule}\n"
         "trainer: {max_epochs: 1, limit_train_batches: 2, limit_val_batches: 1, log_every_n_steps: 1,\n"
         "  accelerator: cpu, devices: 1, enable_progress_bar: false, enable_model_summary: false,\n"
         "  enable_checkpointing: false}\n",
     )
+
+
+def test_index_runs_in_this_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # What each task of scripts/slurm/ablate.sbatch does; in-process so SIGUSR1 reaches the trainer.
+    monkeypatch.setattr(sys, "argv", list(sys.argv))  # the CLI rewrites sys.argv for LightningCLI
+    for key in [k for k in os.environ if k.startswith("SLURM_")]:
+        monkeypatch.delenv(key)
+    _write(tmp_path / "ov" / "more.yaml", "model: {init_args: {accepted: 3.0}}\n")
+    root = tmp_path / "runs"
+    common = ["--config", str(_stub_base(tmp_path)), "--overlays", str(tmp_path / "ov"), "--root", str(root)]
+    ablate.main([*common, "--index", "1"])
+    assert [p.name for p in root.iterdir()] == ["more"]
+    record = json.loads((root / "more" / ablate.RECORD).read_text())
+    assert record["returncode"] == 0 and record["delta"] == "model.accepted=3.0"
+    assert ablate.final_metrics(root / "more")["val/accepted_tokens_per_step"] == 3.0
+
+
+@pytest.mark.slow
+def test_real_sweep_then_collect(tmp_path: Path) -> None:
+    base = _stub_base(tmp_path)
     _write(tmp_path / "ov" / "more.yaml", "model: {init_args: {accepted: 2.5}}\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     env["PYTHONPATH"] = os.pathsep.join([str(HERE), env.get("PYTHONPATH", "")])

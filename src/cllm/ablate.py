@@ -189,8 +189,18 @@ def run_all(args: argparse.Namespace, extra: list[str]) -> None:
             # In this process, so SLURM's SIGUSR1 reaches Lightning (a child process would not get it).
             from cllm.cli import main as cli_main
 
-            _write_atomic(root / name / RECORD, json.dumps({**record, "command": argv}, indent=1))
-            cli_main(argv)
+            record["command"] = argv
+            _write_atomic(root / name / RECORD, json.dumps(record, indent=1))
+            returncode: int | str | None = 1
+            try:
+                cli_main(argv)
+                returncode = 0
+            except SystemExit as exit_:
+                returncode = exit_.code
+                raise
+            finally:
+                record.update(returncode=returncode, seconds=round(time.time() - started, 1))
+                _write_atomic(root / name / RECORD, json.dumps(record, indent=1))
             continue
         returncode = subprocess.run([sys.executable, "-m", "cllm", *argv]).returncode
         record.update(command=argv, returncode=returncode, seconds=round(time.time() - started, 1))
