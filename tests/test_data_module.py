@@ -7,9 +7,9 @@ from collections import Counter
 
 import pytest
 import torch
+
 from cllm.data_modules.records import Record, write_manifest, write_shard
 from cllm.data_modules.trajectory_data import TrajectoryDataModule, TrajectoryStream, collate, pick_states
-
 from cllm.errors import UserError
 from cllm.models import build_tiny_tokenizer, tokenizer_fingerprint
 
@@ -180,3 +180,38 @@ def test_a_small_dataset_still_holds_out_one_prompt(tmp_path):
     val = {row[3] for batch in dm.val_dataloader() for row in batch["input_ids"].tolist()}
     train = {row[3] for batch in dm.train_dataloader() for row in batch["input_ids"].tolist()}
     assert len(val) == 1 and train == set(range(4)) - val
+
+
+def test_trainer_fit_sees_every_record_each_epoch_in_a_new_order(tmp_path):
+    from lightning.pytorch import LightningModule, Trainer
+
+    make_dataset(tmp_path)
+
+    class Recorder(LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(()))
+            self.orders: dict[int, list[int]] = {}
+
+        def training_step(self, batch, batch_idx):
+            self.orders.setdefault(self.current_epoch, []).extend(row[3] for row in batch["input_ids"].tolist())
+            return self.weight * 0.0 + (self.weight - 1) ** 2
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    module = Recorder()
+    dm = TrajectoryDataModule(str(tmp_path), "tiny", n=N, batch_size=4, val_fraction=0.0, even_batches=False)
+    trainer = Trainer(
+        max_epochs=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        accelerator="cpu",
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(module, datamodule=dm)
+    assert sorted(module.orders[0]) == sorted(module.orders[1]) == list(range(21))
+    assert module.orders[0] != module.orders[1]
