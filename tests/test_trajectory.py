@@ -77,12 +77,12 @@ def test_cli_writes_shards_and_manifest_and_resumes(tmp_path, tiny, capsys):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"def f{i}(x):"}) + "\n" for i in range(5)))
     out = tmp_path / "data"
-    argv = ["--model", "tiny", "--prompts", str(prompts), "--output", str(out), "--n", "4"]
+    argv = ["--model", "tiny", "--prompts", str(prompts), "--output", str(out), "--clean", "--n", "4"]
     argv += ["--max_new_tokens", "8", "--batch_size", "2", "--shard_size", "2", "--dtype", "float64"]
     main(argv)
     manifest = read_manifest(out)
     assert [s["records"] for s in manifest["shards"]] == [4, 4, 2]
-    assert manifest["stats"]["prompts"] == 5 and manifest["n"] == 4
+    assert manifest["stats"]["prompts"] == 5 and manifest["n"] == 4 and manifest["clean"] is True
     records = [r for s in manifest["shards"] for r in read_records(out / s["file"], 4)]
     assert {r.prompt_id for r in records} == {f"p{i}" for i in range(5)}
     assert all(r.prefix_ids == [] if r.block_index == 0 else len(r.prefix_ids) == 4 for r in records)
