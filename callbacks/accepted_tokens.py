@@ -127,8 +127,19 @@ class AcceptedTokensCallback(Callback):
         self._base_tokens: dict[int, list[int]] = {}
 
     # ---------------------------------------------------------------- hooks
+    def state_dict(self) -> dict:
+        # A resumed run keeps the base model's reference instead of measuring the restored weights as "base".
+        return {"base": self.base, "base_tokens": self._base_tokens, "validations": self.validations}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.base = dict(state_dict.get("base", {}))
+        self._base_tokens = {int(k): list(v) for k, v in state_dict.get("base_tokens", {}).items()}
+        self.validations = int(state_dict.get("validations", 0))
+
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._prepare(trainer, pl_module)
+        if self.base and self._base_tokens:  # restored from a checkpoint
+            return
         self.base = self.measure(trainer, pl_module, record_base=True)
         # self.log is not allowed to pick the step here; write the reference values at step 0 directly
         for logger in trainer.loggers:
@@ -210,6 +221,10 @@ class AcceptedTokensCallback(Callback):
         pl_module.train(was_training)
         if record_base:
             self._base_tokens = dict(zip(decoded.indices, decoded.tokens))
+            if trainer.world_size > 1:  # every rank keeps all base outputs (checkpoints hold rank 0's state)
+                shards: list = [None] * trainer.world_size
+                torch.distributed.all_gather_object(shards, self._base_tokens)
+                self._base_tokens = {index: tokens for shard in shards for index, tokens in shard.items()}
         self.last_step = trainer.global_step
         values = self.reduce(decoded, pl_module.device)
         self.last_samples = [

@@ -105,3 +105,14 @@ def test_callback_logs_base_at_step_0_then_validations_and_prints_summary(capsys
     assert len(logger.tables[-1]["data"]) == 2 and len(logger.tables[-1]["columns"]) == 4
     out = capsys.readouterr()
     assert "base" in out.out + out.err and "-> trained" in out.out + out.err
+
+
+def test_base_reference_survives_a_checkpoint():
+    callback = AcceptedTokensCallback()
+    callback.base = {"val/accepted_tokens_per_step": 1.07}
+    callback._base_tokens = {0: [1, 2], 3: [4]}
+    callback.validations = 5
+    restored = AcceptedTokensCallback()
+    restored.load_state_dict(callback.state_dict())
+    assert restored.base == callback.base and restored._base_tokens == {0: [1, 2], 3: [4]}
+    assert restored.validations == 5
