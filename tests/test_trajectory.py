@@ -110,3 +110,41 @@ def test_clean_counts_dropped_records(tmp_path, tiny):
     records, dropped = collector._records(0, long_blocks)
     assert dropped == 1 and [r.block_index for r in records] == [1]
     assert write_dataset_manifest  # imported for the CLI test above
+
+
+def test_augment_and_labels(tmp_path, tiny):
+    _, tokenizer = tiny
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"id": "a", "prompt": "def f(x):", "answer": "return x"}) + "\n")
+    out = tmp_path / "data"
+    main(
+        [
+            "--model",
+            "tiny",
+            "--prompts",
+            str(prompts),
+            "--answer_field",
+            "answer",
+            "--labels",
+            "--augment",
+            "--output",
+            str(out),
+            "--n",
+            "6",
+            "--max_new_tokens",
+            "12",
+            "--dtype",
+            "float64",
+        ]
+    )
+    records = list(read_records(out / "shard-00000.jsonl", 6))
+    assert all(r.labels == tokenizer("return x", add_special_tokens=False)["input_ids"] + [2] for r in records)
+    augmented = [(r, a) for r in records for a in r.augmented_states]
+    assert augmented, "a random model's trajectories have intermediate states with >= 2 wrong tokens"
+    for record, state in augmented:
+        wrong = sum(x != y for x, y in zip(state, record.fixed_point))
+        assert 1 <= wrong and any(
+            sum(x != y for x, y in zip(s, record.fixed_point)) > wrong
+            and all(x == y or y == f for x, y, f in zip(s, state, record.fixed_point))
+            for s in record.states[1:-1]
+        )
