@@ -49,7 +49,7 @@ STRATEGY = """  strategy:
     init_args: {data_parallel_size: 2, tensor_parallel_size: 1}"""
 
 
-def run(args: list[str], cwd: Path, processes: int, timeout: int = 120) -> subprocess.CompletedProcess:
+def run(args: list[str], cwd: Path, processes: int, timeout: int = 300) -> subprocess.CompletedProcess:
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
     command = (launcher if processes > 1 else [sys.executable]) + args
     env = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
