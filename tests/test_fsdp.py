@@ -35,7 +35,7 @@ trainer:
     - class_path: lightning.pytorch.callbacks.ModelCheckpoint
       init_args: {{dirpath: {root}/ckpt, save_top_k: -1}}
     - class_path: cllm.callbacks.accepted_tokens.AcceptedTokensCallback
-      init_args: {{max_new_tokens: 8, num_prompts: 3, batch_size: 1}}
+      init_args: {{max_new_tokens: 4, num_prompts: 3, batch_size: 2}}
 {strategy}
 model:
   class_path: cllm.module.CLLMModule
@@ -79,26 +79,36 @@ def train_losses(metrics: Path) -> dict[int, float]:
         return {int(row["step"]): float(row["train/loss"]) for row in csv.DictReader(handle) if row["train/loss"]}
 
 
-def test_two_process_fsdp_matches_one_process_and_resumes(tmp_path):
-    single = fit(tmp_path, "single", 1, max_steps=4)
-    sharded = fit(tmp_path, "sharded", 2, max_steps=4)
-    checkpoint = tmp_path / "sharded" / "ckpt" / "epoch=0-step=2.ckpt"  # end of the first epoch (2 steps)
-    assert checkpoint.is_dir(), "ModelParallelStrategy should write a sharded checkpoint folder"
-    resumed = fit(tmp_path, "resumed", 2, max_steps=4, extra=["--ckpt_path", str(checkpoint)])
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """1 process x batch 4, 2 processes x batch 2 (FSDP2), and a 2-process resume from the step-2 checkpoint."""
+    tmp = tmp_path_factory.mktemp("fsdp")
+    single = fit(tmp, "single", 1, max_steps=4)
+    sharded = fit(tmp, "sharded", 2, max_steps=4)
+    checkpoint = tmp / "sharded" / "ckpt" / "epoch=0-step=2.ckpt"  # end of the first epoch (2 steps)
+    resumed = fit(tmp, "resumed", 2, max_steps=4, extra=["--ckpt_path", str(checkpoint)]) if checkpoint.is_dir() else {}
+    return tmp, checkpoint, single, sharded, resumed
 
+
+def test_two_process_fsdp_matches_one_process(runs):
+    _, _, single, sharded, _ = runs
     assert sorted(single) == sorted(sharded) == [0, 1, 2, 3]
     for step in range(4):
         assert sharded[step] == pytest.approx(single[step], rel=1e-5), (step, sharded[step], single[step])
     assert len({round(v, 3) for v in single.values()}) > 1  # the losses move: equality is not trivial
+
+
+def test_sharded_checkpoint_resumes_and_exports(runs):
+    tmp, checkpoint, single, _, resumed = runs
+    assert checkpoint.is_dir(), "ModelParallelStrategy should write a sharded checkpoint folder"
     # Resuming runs only the remaining steps 2 and 3, with the same losses. (Lightning's logger step after a resume
     # from an end-of-epoch checkpoint is one ahead of global_step, so compare in order.)
     assert len(resumed) == 2
     for step, loss in zip((2, 3), [resumed[k] for k in sorted(resumed)]):
         assert loss == pytest.approx(single[step], rel=1e-5), (step, loss, single[step])
 
-    # the sharded checkpoint exports to a folder transformers loads
-    out = tmp_path / "exported"
-    run(["-m", "cllm", "export", "--ckpt", str(checkpoint), "--output", str(out)], cwd=tmp_path, processes=1)
+    out = tmp / "exported"
+    run(["-m", "cllm", "export", "--ckpt", str(checkpoint), "--output", str(out)], cwd=tmp, processes=1)
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(out)
