@@ -147,11 +147,15 @@ def test_requeue_resumes_at_the_saved_step(slurm: dict[str, str], workdir: Path)
     # Both attempts wrote into the same W&B run (id derived from the job id).
     runs = [read_offline_run(p) for p in sorted(run_dir.glob("wandb/offline-run-*"))]
     assert len(runs) == 2 and {r.run_id for r in runs} == {runs[0].run_id} and runs[0].run_id.endswith(f"-{job}")
-    # The resolved config, the module's metrics and the callback's sample table are in the W&B run.
+    # The resolved config and the module's metrics are in the W&B run.
     last = runs[1]
-    assert last.config["model"]["class_path"] == "cllm.module.CLLMModule" and last.config["trainer"]["max_steps"] == 40
+    config = last.config["config"]
+    assert config["model"]["class_path"] == "cllm.module.CLLMModule" and config["trainer"]["max_steps"] == 40
+    assert last.config["model"] == "tiny"  # CLLMModule's own hyperparameters sit beside it
     assert "train/loss" in last.summary and "val/accepted_tokens_per_step" in last.summary
-    assert last.summary["val/samples"]["_type"] == "table-file"
+    # The callback's sample table (logged with the step-0 measurement, i.e. by the first attempt).
+    table = runs[0].summary["val/samples"]
+    assert table["_type"] == "table-file" and (runs[0].path / "files" / table["path"]).is_file()
 
 
 def test_trajectories_sbatch_collects_over_two_ranks(slurm: dict[str, str], workdir: Path) -> None:

@@ -107,9 +107,10 @@ def test_offline_fit_pushes_config_metrics_and_table(tmp_path: Path) -> None:
         assert run.run_id == "slurm-cluster-4242"
         assert (run.project, run.group, run.tags) == ("cllm-test", "g1", ["tiny"])
         # The full resolved config, as LightningCLI resolved it.
-        assert run.config["trainer"]["limit_train_batches"] == 3
-        assert run.config["trainer"]["default_root_dir"] == str(root)
-        assert run.config["model"]["class_path"] == "test_wandb_tracking.LoggingBoringModel"
+        config = run.config["config"]
+        assert config["trainer"]["limit_train_batches"] == 3
+        assert config["trainer"]["default_root_dir"] == str(root)
+        assert config["model"]["class_path"] == "test_wandb_tracking.LoggingBoringModel"
         assert run.summary["val/accepted_tokens_per_step"] == pytest.approx(1.5)
         assert "train/loss" in run.summary and run.summary["trainer/global_step"] >= 2
         table = run.summary["samples"]

@@ -16,13 +16,15 @@ from cllm.slurm import SLURMRequeue, check_slurm_layout
 
 
 class LoggedSaveConfigCallback(SaveConfigCallback):
-    """Saves config.yaml in the log folder (Lightning's behaviour) and pushes the resolved config to every logger."""
+    """Saves config.yaml in the log folder (Lightning's behaviour) and logs the resolved config to every logger as
+    the hyperparameter `config` (W&B: `config.trainer.max_steps`, ...)."""
 
     def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         # Dump then load: jsonargparse serializes Paths, Namespaces and class_path blocks the way the YAML reads.
         config = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
         for logger in trainer.loggers:
-            logger.log_hyperparams(config)
+            # Under one key: the module's own hparams (logged later, at the top level) would overwrite `model`, ...
+            logger.log_hyperparams({"config": config})
 
 
 class CLLMLightningCLI(LightningCLI):
