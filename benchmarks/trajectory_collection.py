@@ -70,7 +70,10 @@ def main() -> None:
     parser.add_argument("--dtypes", nargs="+", default=["float32"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--output", default=str(Path(__file__).with_suffix(".json")))
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 on a busy shared machine)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     rows = []
     for dtype in args.dtypes:
