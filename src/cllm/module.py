@@ -140,9 +140,10 @@ class CLLMModule(LightningModule):
             )
 
     def setup(self, stage: str) -> None:
-        if self.n is None:
-            datamodule = getattr(self.trainer, "datamodule", None)
-            self.n = getattr(datamodule, "n", None)
+        data_n = getattr(getattr(self.trainer, "datamodule", None), "n", None)
+        if self.n is not None and data_n is not None and self.n != data_n:
+            raise UserError(f"model.init_args.n={self.n} but the data module's block size is n={data_n}; drop model.n")
+        self.n = self.n or data_n
         if self.n is None:
             raise UserError("model.init_args.n is not set and the data module has no block size `n`")
 
