@@ -173,3 +173,27 @@ def test_trajectories_sbatch_collects_over_two_ranks(slurm: dict[str, str], work
     assert "GLOBAL_RANK: 1, MEMBER: 2/2" in log
     manifest = json.loads((workdir / "collected" / "manifest.json").read_text())
     assert len(manifest["shards"]) == 4 and sum(s["records"] for s in manifest["shards"]) > 0
+
+
+def test_ablate_sbatch_array_runs_each_overlay(slurm: dict[str, str], workdir: Path) -> None:
+    overlay = workdir / "overlays" / "small_lr.yaml"
+    overlay.parent.mkdir(exist_ok=True)
+    overlay.write_text("model: {init_args: {lr: 1.0e-4}}\n")
+    root = workdir / "runs" / "ablate"
+    env = {**slurm, "OVERLAYS": str(overlay), "ROOT": str(root)}
+    command = ["sbatch", "--parsable", "--array=0-1", "--ntasks-per-node=2", "--cpus-per-task=1", "--gres=none"]
+    command += ["--time=10", f"--chdir={workdir}", f"--output={workdir}/job-%A_%a.out"]
+    command += [str(REPO / "scripts/slurm/ablate.sbatch"), "tiny.yaml"]
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    job = proc.stdout.strip().split(";")[0]
+    for task in (0, 1):
+        output = workdir / f"job-{job}_{task}.out"
+        info = wait_for(slurm, f"{job}_{task}", ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), 300, output)
+        assert info["JobState"] == "COMPLETED", output.read_text()[-4000:]
+    collect = [sys.executable, "-m", "cllm", "ablate", "--collect", str(root), "--output", str(workdir / "abl.md")]
+    proc = subprocess.run(collect, env=slurm, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {row["run"]: row for row in csv.DictReader((workdir / "abl.csv").open())}
+    assert sorted(rows) == ["baseline", "small_lr"] and rows["small_lr"]["change"] == "model.lr=0.0001"
+    assert all(row["status"] == "ok" and float(row["val/accepted_tokens_per_step"]) >= 1 for row in rows.values())
