@@ -215,3 +215,23 @@ def test_trainer_fit_sees_every_record_each_epoch_in_a_new_order(tmp_path):
     trainer.fit(module, datamodule=dm)
     assert sorted(module.orders[0]) == sorted(module.orders[1]) == list(range(21))
     assert module.orders[0] != module.orders[1]
+
+
+def test_setup_scan_is_cached_per_manifest_and_settings(tmp_path, monkeypatch):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"q{i}", "prompt": f"y = {i}"}) + "\n" for i in range(3)))
+    folder = tmp_path / "data"
+    settings = {"prompts": str(prompts), "n": 4, "max_new_tokens": 8, "val_fraction": 0.0}
+    first = TrajectoryDataModule(str(folder), "tiny", **settings)
+    first.prepare_data()
+    first.setup()
+
+    def no_scan(*args):
+        raise AssertionError("scanned again")
+
+    monkeypatch.setattr(TrajectoryDataModule, "_scan_lines", no_scan)
+    second = TrajectoryDataModule(str(folder), "tiny", **settings)
+    second.setup()
+    assert second._samples == first._samples and len(list(folder.glob(".scan-*.bin"))) == 1
+    with pytest.raises(AssertionError, match="scanned again"):
+        TrajectoryDataModule(str(folder), "tiny", **settings, state_strategy="all").setup()
