@@ -121,8 +121,7 @@ class TrajectoryDataModule(LightningDataModule):
         )
 
     def setup(self, stage: str | None = None) -> None:
-        from cllm.collection import load_tokenizer
-        from cllm.models import tokenizer_fingerprint
+        from cllm.models import load_tokenizer, tokenizer_fingerprint
 
         if self.manifest is not None:
             return

@@ -17,17 +17,7 @@ import torch
 
 from cllm.errors import UserError
 from cllm.generate import add_model_arguments, eos_ids, load_for_decoding, make_parser
-from cllm.jacobi import JacobiResult, jacobi_generate
-
-
-def left_pad(prompts: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt) :] = torch.tensor(prompt)
-        mask[row, width - len(prompt) :] = 1
-    return ids, mask
+from cllm.jacobi import JacobiResult, jacobi_generate, left_pad
 
 
 def cut_at_eos(tokens: list[int], eos: list[int]) -> list[int]:

@@ -39,20 +39,6 @@ from cllm.trajectory import (
 )
 
 
-def load_tokenizer(spec: str):
-    """The tokenizer of a model spec without loading the weights (pad token set as `load_model` does)."""
-    from transformers import AutoTokenizer
-
-    from cllm import models
-
-    if spec == "tiny" or spec.startswith("tiny:"):
-        return models.build_tiny_tokenizer()
-    tokenizer = AutoTokenizer.from_pretrained(models._local_folder(spec))
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
 class Collector:
     """One process's share of a collection: loads prompts and the model, writes the shards of its rank."""
 

@@ -125,26 +125,8 @@ def jacobi_generate(
     if any(len(prompt) == 0 for prompt in prompts):
         raise ValueError("every prompt needs at least one token")
 
-    # Prefill: left-padded prompts; its last logits give each row's first known-correct token.
     prompt_tensors = [torch.as_tensor(list(prompt), dtype=torch.long) for prompt in prompts]
-    width = max(len(prompt) for prompt in prompt_tensors)
-    input_ids = torch.full((batch, width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((batch, width), dtype=torch.long)
-    for row, prompt in enumerate(prompt_tensors):
-        input_ids[row, width - len(prompt) :] = prompt
-        attention_mask[row, width - len(prompt) :] = 1
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    cache = DynamicCache(config=getattr(model, "config", None))
-    out = model(
-        input_ids=input_ids.to(device),
-        attention_mask=attention_mask.to(device),
-        position_ids=position_ids.to(device),
-        use_cache=True,
-        logits_to_keep=1,
-        **cache_argument(model, cache),
-    )
-    known = out.logits[:, -1].argmax(-1).cpu()
-    next_position = attention_mask.sum(-1)  # logical position of each row's block[0]
+    cache, attention_mask, next_position, known = prefill(model, prompt_tensors, pad_token_id)
     block = _fill_block(known[:, None], n, prompt_tensors, init, pad_token_id, generator)
     rows = list(range(batch))  # original index of each active row
 
@@ -206,6 +188,39 @@ def jacobi_generate(
                     block[keep_index],
                 )
     return JacobiResult(tokens, accepted_per_pass, n)
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[rows, width] ids and attention mask with every prompt right-aligned (padding on the left)."""
+    width = max(len(prompt) for prompt in prompts)
+    input_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, width - len(prompt) :] = torch.as_tensor(list(prompt), dtype=torch.long)
+        attention_mask[row, width - len(prompt) :] = 1
+    return input_ids, attention_mask
+
+
+def prefill(
+    model: torch.nn.Module, prompts: Sequence[Sequence[int]], pad_token_id: int
+) -> tuple[DynamicCache, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One pass over the left-padded prompts.
+
+    Returns the KV cache, the attention mask over its slots, each row's next logical position, and each row's
+    first known-correct token argmax p(. | prompt) (all on the CPU but the cache).
+    """
+    device = next(model.parameters()).device
+    input_ids, attention_mask = left_pad(prompts, pad_token_id)
+    cache = DynamicCache(config=getattr(model, "config", None))
+    out = model(
+        input_ids=input_ids.to(device),
+        attention_mask=attention_mask.to(device),
+        position_ids=(attention_mask.cumsum(-1) - 1).clamp(min=0).to(device),
+        use_cache=True,
+        logits_to_keep=1,
+        **cache_argument(model, cache),
+    )
+    return cache, attention_mask, attention_mask.sum(-1), out.logits[:, -1].argmax(-1).cpu()
 
 
 def cache_argument(model: torch.nn.Module, cache: DynamicCache) -> dict:

@@ -88,6 +88,16 @@ def load_model(
     return model.to(device).eval(), tokenizer
 
 
+def load_tokenizer(spec: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """The tokenizer of a model spec without loading the weights (pad token set as `load_model` does)."""
+    if spec == "tiny" or spec.startswith("tiny:"):
+        return build_tiny_tokenizer()
+    tokenizer = AutoTokenizer.from_pretrained(_local_folder(spec), trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def _local_folder(spec: str) -> str:
     """Map aliases and .gguf files to a local folder; other specs pass through (folder or hub id)."""
     if spec == SMOLLM2_ALIAS:

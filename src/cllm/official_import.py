@@ -74,8 +74,8 @@ def convert_entry(entry, where: str) -> tuple[Record, bool]:
 
 def import_official(path: Path, config) -> dict:
     """Convert `path` into a dataset folder `config.output` (shards + manifest); returns the manifest."""
-    from cllm.collection import load_tokenizer, write_dataset_manifest
-    from cllm.models import tokenizer_fingerprint
+    from cllm.collection import write_dataset_manifest
+    from cllm.models import load_tokenizer, tokenizer_fingerprint
 
     if not path.is_file():
         raise UserError(f"official trajectory file not found: {path}")

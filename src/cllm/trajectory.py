@@ -21,10 +21,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from transformers import DynamicCache
 
 from cllm.errors import UserError
-from cllm.jacobi import INIT_STRATEGIES, initial_guess
+from cllm.jacobi import INIT_STRATEGIES, cache_argument, initial_guess, prefill
 
 REPETITION_LIMIT = 10  # cleaning drops fixed points holding a run of this many identical tokens
 SETTINGS_NAME = "collection.json"
@@ -116,24 +115,9 @@ def collect_trajectories(
     if batch == 0:
         return blocks
 
-    # Prefill the left-padded prompts once; the cache then grows by one fixed point per block.
-    width = max(len(p) for p in prompt_tensors)
-    input_ids = torch.full((batch, width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((batch, width), dtype=torch.long)
-    for row, prompt in enumerate(prompt_tensors):
-        input_ids[row, width - len(prompt) :] = prompt
-        attention_mask[row, width - len(prompt) :] = 1
-    cache = DynamicCache(config=getattr(model, "config", None))
-    out = model(
-        input_ids=input_ids.to(device),
-        attention_mask=attention_mask.to(device),
-        position_ids=(attention_mask.cumsum(-1) - 1).clamp(min=0).to(device),
-        past_key_values=cache,
-        use_cache=True,
-        logits_to_keep=1,
-    )
-    known = out.logits[:, -1].argmax(-1).cpu()  # argmax p(. | context): state[0] of every later iteration
-    next_position = attention_mask.sum(-1)
+    # Prefill the prompts once; the cache then grows by one fixed point per block.
+    # known = argmax p(. | context): state[0] of every later iteration.
+    cache, attention_mask, next_position, known = prefill(model, prompt_tensors, pad_token_id)
     rows = list(range(batch))
     offsets = torch.arange(n)
 
@@ -148,8 +132,8 @@ def collect_trajectories(
                 input_ids=state.to(device),
                 attention_mask=step_mask,
                 position_ids=positions,
-                past_key_values=cache,
                 use_cache=True,
+                **cache_argument(model, cache),
             )
             predictions = out.logits.argmax(-1).cpu()
             new_state = torch.cat([known[:, None], predictions[:, :-1]], dim=1)
