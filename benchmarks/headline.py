@@ -31,15 +31,20 @@ from cllm.jacobi import jacobi_generate
 from cllm.models import load_model
 
 PROFILES = {
-    # eval prompts per set, speed prompts per set, max new tokens, block sizes, fit overrides
+    # quality_limit: prompts per set for quality figures; speed_limit: prompts per set timed at batch 1
     "quick": {
         "quality_limit": 16,
         "speed_limit": 4,
         "max_new_tokens": 64,
         "n_values": [16],
-        "fit": ["--data.init_args.prompt_limit=24", "--trainer.max_steps=40", "--trainer.val_check_interval=20"],
+        "fit": [
+            "--data.init_args.prompt_limit=16",
+            "--data.init_args.val_prompt_limit=8",
+            "--trainer.max_steps=10",
+            "--trainer.val_check_interval=10",
+        ],
     },
-    "full": {"quality_limit": 164, "speed_limit": 16, "max_new_tokens": 256, "n_values": [8, 16, 32], "fit": []},
+    "full": {"quality_limit": 64, "speed_limit": 12, "max_new_tokens": 128, "n_values": [8, 16, 32], "fit": []},
 }
 SETS = {"stdlib-code": "stdlib-code:test", "humaneval": "humaneval"}
 

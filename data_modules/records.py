@@ -176,15 +176,20 @@ def write_manifest(folder: Path, manifest: dict) -> Path:
     return path
 
 
+def read_json_file(path: Path):
+    """Parse a whole JSON file; malformed JSON is a UserError naming file and line."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}:{err.lineno}: malformed JSON ({err.msg})") from None
+
+
 def read_manifest(folder: str | Path) -> dict:
     """Read and check `manifest.json` of a dataset folder (format version, n, shard list)."""
     path = Path(folder) / MANIFEST_NAME
     if not path.is_file():
         raise UserError(f"{path} not found: not a trajectory dataset (collect one with `cllm trajectories`)")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise UserError(f"{path}:{err.lineno}: malformed JSON ({err.msg})") from None
+    manifest = read_json_file(path)
     for key in ("format_version", "n", "tokenizer_fingerprint", "shards"):
         if key not in manifest:
             raise UserError(f"{path}: field {key!r} is missing")

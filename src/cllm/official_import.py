@@ -19,10 +19,9 @@ trajectories were made with, so training can check it).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from cllm.data_modules.records import SHARD_PATTERN, Record, sha256_of, write_shard
+from cllm.data_modules.records import SHARD_PATTERN, Record, read_json_file, sha256_of, write_shard
 from cllm.errors import UserError
 
 RECORDS_PER_SHARD = 10_000
@@ -79,10 +78,7 @@ def import_official(path: Path, config) -> dict:
 
     if not path.is_file():
         raise UserError(f"official trajectory file not found: {path}")
-    try:
-        entries = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise UserError(f"{path}:{err.lineno}: malformed JSON ({err.msg})") from None
+    entries = read_json_file(path)
     if not isinstance(entries, list) or not entries:
         raise UserError(f"{path}: expected a non-empty JSON list of trajectory entries")
     records, mismatches, n = [], 0, None
