@@ -27,7 +27,7 @@ from cllm.callbacks.accepted_tokens import common_prefix_fraction, has_repeated_
 from cllm.data_modules.prompts import encode_prompts, load_prompts
 from cllm.evaluation import humaneval_pass_at_1
 from cllm.generate import eos_ids
-from cllm.jacobi import jacobi_generate
+from cllm.jacobi import JacobiResult, jacobi_generate
 from cllm.models import load_model
 
 PROFILES = {
@@ -72,13 +72,17 @@ def timed(function, *args, **kwargs):
     return value, time.perf_counter() - start
 
 
-def greedy_outputs(model, tokenizer, prompt_ids, max_new_tokens, batch_size=16) -> list[list[int]]:
-    """Greedy outputs for quality figures, batched (not timed)."""
-    eos = eos_ids(model, tokenizer)
-    out = []
-    for batch in in_batches(prompt_ids, batch_size):
-        out += greedy_ar(model, batch, max_new_tokens=max_new_tokens, eos=eos, pad_token_id=tokenizer.pad_token_id)
-    return out
+def batched_jacobi(model, tokenizer, prompt_ids, max_new_tokens, n=16, batch_size=16) -> JacobiResult:
+    """Outputs and acceptance on every quality prompt in one batched Jacobi run (not timed). Jacobi is lossless, so
+    the outputs are the model's greedy outputs: the quality figures come from the same run."""
+    kwargs = {
+        "n": n,
+        "max_new_tokens": max_new_tokens,
+        "eos_token_id": eos_ids(model, tokenizer),
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    results = [jacobi_generate(model, batch, **kwargs) for batch in in_batches(prompt_ids, batch_size)]
+    return JacobiResult([t for r in results for t in r.tokens], [a for r in results for a in r.accepted_per_pass], n)
 
 
 def speed(models: dict, tokenizer, prompt_ids, max_new_tokens, n_values) -> dict:
@@ -131,10 +135,13 @@ def evaluate(spec: str, prompt_sets: dict, profile: dict, dtypes: list[str]) -> 
     report = {}
     for name, prompts in prompt_sets.items():
         ids = encode_prompts(tokenizer, prompts)
-        outputs = greedy_outputs(models[dtypes[0]], tokenizer, ids, profile["max_new_tokens"])
+        decoded = batched_jacobi(models[dtypes[0]], tokenizer, ids, profile["max_new_tokens"])
+        outputs = decoded.tokens
         texts = [tokenizer.decode(o, skip_special_tokens=True) for o in outputs]
         entry = {
             "num_prompts": len(ids),
+            "accepted_tokens_per_step": decoded.mean_accepted_tokens_per_step,
+            "per_prompt_accepted_tokens_per_step": decoded.accepted_tokens_per_step,
             "degenerate_rate": sum(has_repeated_run(o, 10) for o in outputs) / len(outputs),
             "outputs": outputs,
             "speed": speed(
@@ -161,33 +168,48 @@ def validation_curve(fit_root: Path) -> list[tuple[int, float]]:
 
 
 def markdown(results: dict) -> str:
+    settings = results["settings"]
     lines = [
         "# Headline benchmark: SmolLM2-135M-Instruct, base vs CLLM",
         "",
         f"Profile `{results['profile']}`; command: `{results['command']}`; machine: {results['machine']}.",
         f"Stage times (s): {', '.join(f'{k} {v:.0f}' for k, v in results['timings'].items())}.",
         "Accepted tokens per step = generated tokens / decode forward passes per sequence, averaged (AR = 1.0).",
-        "Speedup = Jacobi tokens/s over the fastest greedy AR (HF `generate`, KV cache) of the same model, batch 1.",
         "",
-        "| prompts | model | n | accepted tok/step | Jacobi tok/s | fastest AR tok/s (dtype) | speedup | pass@1 |"
-        " degenerate | = base output |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        f"## Acceptance and quality (all evaluated prompts, n=16, max_new_tokens={settings['max_new_tokens']})",
+        "",
+        "| prompts | model | prompts | accepted tok/step | HumanEval pass@1 | degenerate | = base output |"
+        " common prefix with base |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for set_name in SETS:
         for model in ("base", "cllm"):
-            entry = results["models"][model].get(set_name)
-            if not entry:
-                continue
-            fastest = entry["speed"]["fastest_ar_dtype"]
-            for n, jacobi in entry["speed"]["jacobi"].items():
-                pass_at_1 = f"{entry['pass_at_1']:.3f}" if "pass_at_1" in entry else "-"
-                match = entry.get("exact_match_vs_base", 1.0 if model == "base" else float("nan"))
+            entry = results["models"][model][set_name]
+            pass_at_1 = f"{entry['pass_at_1']:.3f}" if "pass_at_1" in entry else "-"
+            lines.append(
+                f"| {set_name} | {model} | {entry['num_prompts']} | {entry['accepted_tokens_per_step']:.3f} | "
+                f"{pass_at_1} | {entry['degenerate_rate']:.3f} | {entry.get('exact_match_vs_base', 1.0):.3f} | "
+                f"{entry.get('common_prefix_vs_base', 1.0):.3f} |"
+            )
+    lines += [
+        "",
+        f"## Speed (batch 1, first {settings['speed_limit']} prompts of each set)",
+        "",
+        "Speedup = Jacobi tokens/s over the fastest greedy AR (HF `generate`, KV cache) of the same model.",
+        "",
+        "| prompts | model | n | accepted tok/step | Jacobi tok/s | fastest AR tok/s (dtype) | speedup | = AR |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for set_name in SETS:
+        for model in ("base", "cllm"):
+            speed_entry = results["models"][model][set_name]["speed"]
+            fastest = speed_entry["fastest_ar_dtype"]
+            for n, jacobi in speed_entry["jacobi"].items():
                 lines.append(
                     f"| {set_name} | {model} | {n} | {jacobi['accepted_tokens_per_step']:.3f} | "
                     f"{jacobi['tokens_per_s']:.1f} ({jacobi['dtype']}) | "
-                    f"{entry['speed']['ar'][fastest]['tokens_per_s']:.1f} ({fastest}) | "
-                    f"{jacobi['speedup_vs_fastest_ar']:.2f}x | {pass_at_1} | {entry['degenerate_rate']:.3f} | "
-                    f"{match:.3f} |"
+                    f"{speed_entry['ar'][fastest]['tokens_per_s']:.1f} ({fastest}) | "
+                    f"{jacobi['speedup_vs_fastest_ar']:.2f}x | {jacobi['ar_agreement']:.0%} |"
                 )
     return "\n".join(lines) + "\n"
 
@@ -206,10 +228,9 @@ def plots(results: dict, output: Path) -> list[str]:
     figure, axes = plt.subplots(1, 2, figsize=(10, 4))
     for axis, set_name in zip(axes, SETS):
         for model in ("base", "cllm"):
-            jacobi = results["models"][model][set_name]["speed"]["jacobi"]
-            key = n or next(iter(jacobi))
-            axis.hist(jacobi[key]["per_prompt_accepted_tokens_per_step"], bins=12, alpha=0.6, label=model)
-        axis.set(title=f"{set_name}: accepted tokens/step (n={key})", xlabel="tokens per step", ylabel="prompts")
+            values = results["models"][model][set_name]["per_prompt_accepted_tokens_per_step"]
+            axis.hist(values, bins=12, alpha=0.6, label=f"{model} (mean {sum(values) / len(values):.3f})")
+        axis.set(title=f"{set_name}: accepted tokens/step (n=16)", xlabel="tokens per step", ylabel="prompts")
         axis.legend()
     figure.tight_layout()
     figure.savefig(output / "accepted_tokens_hist.png", dpi=100)
