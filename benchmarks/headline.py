@@ -29,6 +29,7 @@ from cllm.evaluation import humaneval_pass_at_1
 from cllm.generate import eos_ids
 from cllm.jacobi import JacobiResult, jacobi_generate
 from cllm.models import load_model
+from cllm.trajectory import REPETITION_LIMIT
 
 PROFILES = {
     # quality_limit: prompts per set for quality figures; speed_limit: prompts per set timed at batch 1
@@ -142,7 +143,7 @@ def evaluate(spec: str, prompt_sets: dict, profile: dict, dtypes: list[str]) -> 
             "num_prompts": len(ids),
             "accepted_tokens_per_step": decoded.mean_accepted_tokens_per_step,
             "per_prompt_accepted_tokens_per_step": decoded.accepted_tokens_per_step,
-            "degenerate_rate": sum(has_repeated_run(o, 10) for o in outputs) / len(outputs),
+            "degenerate_rate": sum(has_repeated_run(o, REPETITION_LIMIT) for o in outputs) / len(outputs),
             "outputs": outputs,
             "speed": speed(
                 models, tokenizer, ids[: profile["speed_limit"]], profile["max_new_tokens"], profile["n_values"]

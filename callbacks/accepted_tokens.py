@@ -20,6 +20,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torchmetrics import MaxMetric, MeanMetric, SumMetric
 
 from cllm.data_modules.prompts import encode_prompts, load_prompts
+from cllm.data_modules.records import longest_run
 from cllm.jacobi import jacobi_generate
 
 SAMPLE_COLUMNS = ["prompt", "base_output", "jacobi_output", "accepted_tokens_per_step"]
@@ -50,12 +51,7 @@ def common_prefix_fraction(output: list[int], reference: list[int]) -> float:
 
 def has_repeated_run(tokens: list[int], run: int) -> bool:
     """Whether `tokens` holds `run` identical tokens in a row (the degenerate-repetition symptom)."""
-    count = 0
-    for i, token in enumerate(tokens):
-        count = count + 1 if i and token == tokens[i - 1] else 1
-        if count >= run:
-            return True
-    return False
+    return longest_run(tokens) >= run
 
 
 def decode_shard(

@@ -8,13 +8,13 @@ lossless, so a lower value flags numerical ties or a bug).
 from __future__ import annotations
 
 import json
-import os
 import platform
 import time
 from pathlib import Path
 
 import torch
 
+from cllm.data_modules.records import atomic_write_text
 from cllm.errors import UserError
 from cllm.generate import add_model_arguments, eos_ids, load_for_decoding, make_parser
 from cllm.jacobi import JacobiResult, jacobi_generate, left_pad
@@ -152,10 +152,7 @@ def format_table(result: dict) -> str:
 
 def write_json(path: Path, payload: dict) -> None:
     """Write JSON atomically (temp file + rename): a killed run never leaves half a result."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.tmp")
-    temp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(temp, path)
+    atomic_write_text(path, json.dumps(payload, indent=2) + "\n")
 
 
 def main(argv: list[str]) -> None:
