@@ -1,7 +1,8 @@
 """The headline benchmark: SmolLM2-135M, from nothing to a CLLM, base vs CLLM in one report.
 
-    python benchmarks/headline.py            # the full pipeline (<= 90 minutes on a 2-core CPU)
-    python benchmarks/headline.py --quick    # a smoke-sized run (<= 10 minutes)
+    python benchmarks/headline.py                  # the full pipeline (<= 90 minutes on a 2-core CPU)
+    python benchmarks/headline.py --quick          # a smoke-sized run (<= 10 minutes)
+    python benchmarks/headline.py --suite json     # the narrow domain (json-extract), reported separately
 
 Stages: (1+2) `python -m cllm fit --config smollm2-135m.yaml` collects stdlib-code trajectories (n=16) when the
 trajectory folder is missing, then trains; (3) `python -m cllm export` turns the last checkpoint into a model
@@ -24,6 +25,7 @@ import torch
 
 from cllm.bench import greedy_ar, in_batches, write_json
 from cllm.callbacks.accepted_tokens import common_prefix_fraction, has_repeated_run
+from cllm.data_modules.json_extract import score_output
 from cllm.data_modules.prompts import encode_prompts, load_prompts
 from cllm.evaluation import humaneval_pass_at_1
 from cllm.generate import eos_ids
@@ -31,23 +33,65 @@ from cllm.jacobi import JacobiResult, jacobi_generate
 from cllm.models import load_model
 from cllm.trajectory import REPETITION_LIMIT
 
-PROFILES = {
-    # quality_limit: prompts per set for quality figures; speed_limit: prompts per set timed at batch 1
-    "quick": {
-        "quality_limit": 16,
-        "speed_limit": 4,
-        "max_new_tokens": 64,
-        "n_values": [16],
-        "fit": [
-            "--data.init_args.prompt_limit=16",
-            "--data.init_args.val_prompt_limit=8",
-            "--trainer.max_steps=10",
-            "--trainer.val_check_interval=10",
-        ],
+# Two suites, never mixed: `broad` (held-out stdlib-code and HumanEval) and `json` (the narrow json-extract
+# domain). Each has a quick and a full profile: quality_limit = prompts per set for acceptance and quality,
+# speed_limit = prompts per set timed at batch 1; `fit` = overrides of the `cllm fit` config.
+SUITES = {
+    "broad": {
+        "sets": {"stdlib-code": "stdlib-code:test", "humaneval": "humaneval"},
+        "output": "headline",
+        "title": "SmolLM2-135M-Instruct, broad code prompts",
+        "quick": {
+            "quality_limit": 12,
+            "speed_limit": 2,
+            "max_new_tokens": 48,
+            "n_values": [16],
+            "fit": [
+                "--data.init_args.prompt_limit=12",
+                "--data.init_args.max_new_tokens=48",
+                "--data.init_args.val_prompt_limit=4",
+                "--trainer.max_steps=8",
+                "--trainer.val_check_interval=8",
+                "--trainer.callbacks.init_args.num_prompts=8",
+                "--trainer.callbacks.init_args.max_new_tokens=48",
+            ],
+        },
+        "full": {"quality_limit": 32, "speed_limit": 4, "max_new_tokens": 96, "n_values": [8, 16, 32], "fit": []},
     },
-    "full": {"quality_limit": 64, "speed_limit": 12, "max_new_tokens": 128, "n_values": [8, 16, 32], "fit": []},
+    "json": {
+        "sets": {"json-extract": "json-extract:test"},
+        "output": "narrow-json",
+        "title": "SmolLM2-135M-Instruct, narrow domain: json-extract (structured output)",
+        "quick": {
+            "quality_limit": 16,
+            "speed_limit": 2,
+            "max_new_tokens": 64,
+            "n_values": [16],
+            "fit": [
+                "--data.init_args.prompts=json-extract:train",
+                "--data.init_args.val_prompts=json-extract:validation",
+                "--data.init_args.prompt_limit=16",
+                "--data.init_args.val_prompt_limit=4",
+                "--trainer.max_steps=8",
+                "--trainer.val_check_interval=8",
+                "--trainer.callbacks.init_args.num_prompts=8",
+            ],
+        },
+        "full": {
+            "quality_limit": 48,
+            "speed_limit": 6,
+            "max_new_tokens": 64,
+            "n_values": [8, 16, 32],
+            "fit": [
+                "--data.init_args.prompts=json-extract:train",
+                "--data.init_args.val_prompts=json-extract:validation",
+                "--data.init_args.prompt_limit=192",
+                "--trainer.max_steps=120",
+                "--trainer.val_check_interval=40",
+            ],
+        },
+    },
 }
-SETS = {"stdlib-code": "stdlib-code:test", "humaneval": "humaneval"}
 
 
 def run_stage(name: str, command: list[str], log: Path, timings: dict) -> None:
@@ -149,11 +193,21 @@ def evaluate(spec: str, prompt_sets: dict, profile: dict, dtypes: list[str]) -> 
                 models, tokenizer, ids[: profile["speed_limit"]], profile["max_new_tokens"], profile["n_values"]
             ),
         }
-        if name == "humaneval":
-            passed = humaneval_pass_at_1([p.meta for p in prompts], texts)
-            entry["pass_at_1"] = sum(passed) / len(passed)
+        entry["quality"] = quality(name, prompts, texts)
         report[name] = entry
     return report
+
+
+def quality(set_name: str, prompts: list, texts: list[str]) -> dict:
+    """Task quality against the ground truth: HumanEval pass@1 (sandboxed execution); json-extract valid/exact/
+    field accuracy against the generating record (nothing is executed). Other sets have none."""
+    if set_name == "humaneval":
+        passed = humaneval_pass_at_1([p.meta for p in prompts], texts)
+        return {"pass_at_1": sum(passed) / len(passed)}
+    if set_name == "json-extract":
+        scores = [score_output(text, p.meta["record"]) for p, text in zip(prompts, texts)]
+        return {key: sum(s[key] for s in scores) / len(scores) for key in ("valid", "exact", "fields")}
+    return {}
 
 
 def validation_curve(fit_root: Path) -> list[tuple[int, float]]:
@@ -169,9 +223,9 @@ def validation_curve(fit_root: Path) -> list[tuple[int, float]]:
 
 
 def markdown(results: dict) -> str:
-    settings = results["settings"]
+    settings, sets = results["settings"], results["sets"]
     lines = [
-        "# Headline benchmark: SmolLM2-135M-Instruct, base vs CLLM",
+        f"# Headline benchmark: {results['title']}, base vs CLLM",
         "",
         f"Profile `{results['profile']}`; command: `{results['command']}`; machine: {results['machine']}.",
         f"Stage times (s): {', '.join(f'{k} {v:.0f}' for k, v in results['timings'].items())}.",
@@ -179,17 +233,17 @@ def markdown(results: dict) -> str:
         "",
         f"## Acceptance and quality (all evaluated prompts, n=16, max_new_tokens={settings['max_new_tokens']})",
         "",
-        "| prompts | model | prompts | accepted tok/step | HumanEval pass@1 | degenerate | = base output |"
+        "| prompts | model | prompts | accepted tok/step | quality vs ground truth | degenerate | = base output |"
         " common prefix with base |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for set_name in SETS:
+    for set_name in sets:
         for model in ("base", "cllm"):
             entry = results["models"][model][set_name]
-            pass_at_1 = f"{entry['pass_at_1']:.3f}" if "pass_at_1" in entry else "-"
+            scores = ", ".join(f"{k} {v:.3f}" for k, v in entry["quality"].items()) or "-"
             lines.append(
                 f"| {set_name} | {model} | {entry['num_prompts']} | {entry['accepted_tokens_per_step']:.3f} | "
-                f"{pass_at_1} | {entry['degenerate_rate']:.3f} | {entry.get('exact_match_vs_base', 1.0):.3f} | "
+                f"{scores} | {entry['degenerate_rate']:.3f} | {entry.get('exact_match_vs_base', 1.0):.3f} | "
                 f"{entry.get('common_prefix_vs_base', 1.0):.3f} |"
             )
     lines += [
@@ -201,7 +255,7 @@ def markdown(results: dict) -> str:
         "| prompts | model | n | accepted tok/step | Jacobi tok/s | fastest AR tok/s (dtype) | speedup | = AR |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for set_name in SETS:
+    for set_name in sets:
         for model in ("base", "cllm"):
             speed_entry = results["models"][model][set_name]["speed"]
             fastest = speed_entry["fastest_ar_dtype"]
@@ -225,9 +279,11 @@ def plots(results: dict, output: Path) -> list[str]:
         print("matplotlib not installed: no plots (pip install matplotlib)")
         return []
     made = []
-    n = "16" if "16" in results["models"]["base"]["stdlib-code"]["speed"]["jacobi"] else None
-    figure, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for axis, set_name in zip(axes, SETS):
+    sets = results["sets"]
+    first = results["models"]["base"][next(iter(sets))]["speed"]["jacobi"]
+    n = "16" if "16" in first else None
+    figure, axes = plt.subplots(1, len(sets), figsize=(5 * len(sets), 4), squeeze=False)
+    for axis, set_name in zip(axes[0], sets):
         for model in ("base", "cllm"):
             values = results["models"][model][set_name]["per_prompt_accepted_tokens_per_step"]
             axis.hist(values, bins=12, alpha=0.6, label=f"{model} (mean {sum(values) / len(values):.3f})")
@@ -239,7 +295,7 @@ def plots(results: dict, output: Path) -> list[str]:
     figure, axis = plt.subplots(figsize=(6, 4))
     for model in ("base", "cllm"):
         values = []
-        for set_name in SETS:
+        for set_name in sets:
             jacobi = results["models"][model][set_name]["speed"]["jacobi"]
             values += jacobi[n or next(iter(jacobi))]["per_prompt_speedup"]
         axis.plot(range(len(values)), values, "o", label=model)
@@ -264,6 +320,9 @@ def plots(results: dict, output: Path) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smoke-sized run (<= 10 minutes)")
+    parser.add_argument(
+        "--suite", choices=sorted(SUITES), default="broad", help="broad: stdlib-code + HumanEval; json: narrow domain"
+    )
     parser.add_argument("--config", default="smollm2-135m.yaml")
     parser.add_argument("--work-dir", type=Path, default=Path("runs/headline"))
     parser.add_argument("--output", type=Path, default=None, help="default: docs/results/headline[-quick]")
@@ -274,9 +333,10 @@ def main() -> None:
     parser.add_argument("fit_args", nargs="*", help="extra overrides passed to `cllm fit` (after --)")
     args = parser.parse_args()
     name = "quick" if args.quick else "full"
-    profile = PROFILES[name]
-    output = args.output or Path("docs/results") / ("headline-quick" if args.quick else "headline")
-    work = args.work_dir / name
+    suite = SUITES[args.suite]
+    profile, sets = suite[name], suite["sets"]
+    output = args.output or Path("docs/results") / (suite["output"] + ("-quick" if args.quick else ""))
+    work = args.work_dir / f"{args.suite}-{name}"
     work.mkdir(parents=True, exist_ok=True)
     output.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
@@ -299,8 +359,11 @@ def main() -> None:
         run_stage("export", export, work / "export.log", timings)
 
     start = time.perf_counter()
-    prompt_sets = {key: load_prompts(source, limit=profile["quality_limit"]) for key, source in SETS.items()}
+    prompt_sets = {key: load_prompts(source, limit=profile["quality_limit"]) for key, source in sets.items()}
     results = {
+        "title": suite["title"],
+        "suite": args.suite,
+        "sets": sets,
         "profile": name,
         "command": " ".join(["python benchmarks/headline.py", *sys.argv[1:]]),
         "machine": f"{torch.get_num_threads()} torch threads, {sys.platform}",
@@ -313,7 +376,7 @@ def main() -> None:
         },
         "validation_curve": validation_curve(work / "fit"),
     }
-    for set_name in SETS:
+    for set_name in sets:
         base, cllm = results["models"]["base"][set_name], results["models"]["cllm"][set_name]
         pairs = list(zip(cllm["outputs"], base["outputs"]))
         cllm["exact_match_vs_base"] = sum(a == b for a, b in pairs) / len(pairs)

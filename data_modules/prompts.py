@@ -194,3 +194,4 @@ def encode_prompts(
 
 
 from cllm.data_modules import stdlib_code  # noqa: E402,F401  (registers the bundled `stdlib-code` set)
+from cllm.data_modules import json_extract  # noqa: E402,F401  (registers the bundled `json-extract` set)
