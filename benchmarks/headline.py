@@ -385,6 +385,7 @@ def main() -> None:
     for model in results["models"].values():  # token lists are bulky; keep them out of the report JSON
         for entry in model.values():
             entry["output_lengths"] = [len(o) for o in entry.pop("outputs")]
+    write_json(output / "results.json", results)  # first, so a plotting failure loses no measurement
     results["plots"] = plots(results, output)
     write_json(output / "results.json", results)
     (output / "results.md").write_text(markdown(results))
