@@ -193,5 +193,5 @@ def encode_prompts(
     return encoded
 
 
-from cllm.data_modules import stdlib_code  # noqa: E402,F401  (registers the bundled `stdlib-code` set)
-from cllm.data_modules import json_extract  # noqa: E402,F401  (registers the bundled `json-extract` set)
+# registers the bundled `json-extract` and `stdlib-code` sets
+from cllm.data_modules import json_extract, stdlib_code  # noqa: E402,F401
