@@ -26,6 +26,7 @@ from cllm.data_modules.trajectory_stream import (  # noqa: F401  (re-exported: t
     EpochDataLoader,
     TrajectoryStream,
     collate,
+    collate_packed,
     pick_states,
     prompt_hash,
     samples_per_record,
@@ -52,7 +53,10 @@ class TrajectoryDataModule(LightningDataModule):
         num_workers: dataloader worker processes per rank.
         shuffle_buffer: size of the shuffle buffer (memory bound of the stream).
         seed: seed of shuffling and state picking (combined with the epoch).
-        state_strategy: `uniform` over non-final states (official), `all` (one sample per state), `noise`.
+        state_strategy: `uniform` over non-final states (official), `all` (one sample per state), `noise`, or
+            `pack` (`pack_states` states of a record packed into one row that shares the context; global
+            consistency and AR on the fixed point only).
+        pack_states: with `pack`, the number k of non-final states drawn per record (all when it has fewer).
         next_state: also collate the next state (local consistency loss); augmented states are then unused.
         use_labels: also collate ground-truth labels (prompt + answer ids).
         max_length: contexts longer than max_length - n are truncated from the left (counted, warned).
@@ -78,6 +82,7 @@ class TrajectoryDataModule(LightningDataModule):
         shuffle_buffer: int = 1000,
         seed: int = 0,
         state_strategy: str = "uniform",
+        pack_states: int = 4,
         next_state: bool = False,
         use_labels: bool = False,
         max_length: int = 1024,
@@ -87,6 +92,13 @@ class TrajectoryDataModule(LightningDataModule):
         super().__init__()
         if state_strategy not in STATE_STRATEGIES:
             raise UserError(f"state_strategy {state_strategy!r} is not one of {STATE_STRATEGIES}")
+        if state_strategy == "pack" and (next_state or use_labels):
+            raise UserError(
+                "data.init_args.state_strategy=pack supports global consistency and AR on the fixed point only: "
+                "set next_state and use_labels to false (or use another state_strategy)"
+            )
+        if pack_states < 1:
+            raise UserError(f"data.init_args.pack_states must be at least 1, not {pack_states}")
         if max_length <= n:
             raise UserError(f"max_length ({max_length}) must be larger than the block size n ({n})")
         self.save_hyperparameters()
@@ -205,6 +217,7 @@ class TrajectoryDataModule(LightningDataModule):
             val_fraction=self.val_threshold,
             strategy=h.state_strategy,
             next_state=h.next_state,
+            pack_states=h.pack_states,
             shuffle=not validation,
             shuffle_buffer=h.shuffle_buffer,
             seed=h.seed,
@@ -214,19 +227,12 @@ class TrajectoryDataModule(LightningDataModule):
             batch_size=h.batch_size,
         )
         stream.num_workers = max(h.num_workers, 1)
-        loader = EpochDataLoader(
-            stream,
-            batch_size=h.batch_size,
-            num_workers=h.num_workers,
-            collate_fn=partial(
-                collate,
-                pad_id=self.tokenizer.pad_token_id or 0,
-                n=self.n,
-                max_length=h.max_length,
-                next_state=h.next_state,
-                use_labels=h.use_labels,
-            ),
-        )
+        shapes = {"pad_id": self.tokenizer.pad_token_id or 0, "n": self.n, "max_length": h.max_length}
+        if h.state_strategy == "pack":
+            collate_fn = partial(collate_packed, **shapes)
+        else:
+            collate_fn = partial(collate, **shapes, next_state=h.next_state, use_labels=h.use_labels)
+        loader = EpochDataLoader(stream, batch_size=h.batch_size, num_workers=h.num_workers, collate_fn=collate_fn)
         if trainer is not None and not validation:
             loader.epoch_fn = lambda: self.trainer.current_epoch
         return loader

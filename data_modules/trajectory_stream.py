@@ -5,6 +5,9 @@ records whose global index i satisfies i % consumers == consumer, so every recor
 epoch. A shuffle buffer (seeded by seed and epoch) mixes them. With even batches every consumer yields the
 same number of full batches (a few samples repeated, counted) so ranks never wait on each other at an epoch's
 end; the per-record sample counts for that come from the data module's setup scan.
+
+With the `pack` strategy one record gives one sample holding k of its states, collated into one packed row
+(`collate_packed`): the context is shared by the fixed point and the k states (see docs/data.md).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from cllm.data_modules.records import Record, iter_lines, parse_record
 from cllm.errors import UserError
 
-STATE_STRATEGIES = ("uniform", "all", "noise")
+STATE_STRATEGIES = ("uniform", "all", "noise", "pack")
 
 
 def prompt_hash(prompt_id: str) -> float:
@@ -46,19 +49,25 @@ def noise_ratio(state: list[int], fixed_point: list[int]) -> float:
     return sum(a != b for a, b in zip(state, fixed_point)) / max(len(fixed_point), 1)
 
 
-def pick_states(record: Record, strategy: str, next_state: bool, rng: random.Random) -> list[tuple]:
+def pick_states(
+    record: Record, strategy: str, next_state: bool, rng: random.Random, pack_states: int = 4
+) -> list[tuple]:
     """`uniform`: one non-final state uniformly (official); `all`: every one; `noise`: the state whose noise
-    ratio (share of tokens differing from the fixed point) is nearest to r ~ U(0, 1)."""
+    ratio (share of tokens differing from the fixed point) is nearest to r ~ U(0, 1); `pack`: `pack_states`
+    states uniformly without replacement (all of them when the record has fewer)."""
     pairs = candidate_states(record, next_state)
     if not pairs or strategy == "all":
         return pairs
     if strategy == "uniform":
         return [pairs[rng.randrange(len(pairs))]]
+    if strategy == "pack":
+        return rng.sample(pairs, min(pack_states, len(pairs)))
     target = rng.random()
     return [min(pairs, key=lambda pair: abs(noise_ratio(pair[0], record.fixed_point) - target))]
 
 
 def samples_per_record(record: Record, strategy: str, next_state: bool) -> int:
+    """Samples a record gives per epoch: one per state with `all`, else one (a packed record is one sample)."""
     count = len(candidate_states(record, next_state))
     return count if strategy == "all" else min(count, 1)
 
@@ -76,6 +85,7 @@ class TrajectoryStream(IterableDataset):
         val_fraction: float,
         strategy: str = "uniform",
         next_state: bool = False,
+        pack_states: int = 4,
         shuffle: bool = True,
         shuffle_buffer: int = 1000,
         seed: int = 0,
@@ -86,7 +96,7 @@ class TrajectoryStream(IterableDataset):
     ) -> None:
         self.folder, self.shards, self.n = Path(folder), shards, n
         self.validation, self.val_fraction = validation, val_fraction
-        self.strategy, self.next_state = strategy, next_state
+        self.strategy, self.next_state, self.pack_states = strategy, next_state, pack_states
         self.shuffle, self.shuffle_buffer, self.seed = shuffle, shuffle_buffer, seed
         self.rank, self.world_size = rank, world_size
         self.samples_per_line = samples_per_line  # per global line: samples of this split (None: no evening)
@@ -133,7 +143,12 @@ class TrajectoryStream(IterableDataset):
     def samples(self, consumer: int, consumers: int) -> Iterator[dict]:
         for index, record in self.records(consumer, consumers):
             rng = random.Random(f"{self.seed}/{self.epoch}/{index}")
-            for state, next_state in pick_states(record, self.strategy, self.next_state, rng):
+            picked = pick_states(record, self.strategy, self.next_state, rng, self.pack_states)
+            if self.strategy == "pack":
+                if picked:  # the whole pack is one sample: one record, one packed row
+                    yield {"record": record, "states": [state for state, _ in picked], "index": index}
+                continue
+            for state, next_state in picked:
                 yield {"record": record, "state": state, "next_state": next_state, "index": index}
 
     def __iter__(self) -> Iterator[dict]:
@@ -170,8 +185,8 @@ def shuffled(stream: Iterator, size: int, rng: random.Random) -> Iterator:
     yield from buffer
 
 
-def collate(samples: list[dict], *, pad_id: int, n: int, max_length: int, next_state: bool, use_labels: bool) -> dict:
-    """Right-padded batch sharing one attention mask (see docs/data.md for the contract)."""
+def truncated_contexts(samples: list[dict], n: int, max_length: int) -> tuple[list[list[int]], list[int]]:
+    """Each sample's context cut to the last max_length - n tokens, and the prompt tokens left in it."""
     keep = max_length - n  # context budget: over-long contexts lose their oldest tokens
     contexts, prompt_lengths = [], []
     for sample in samples:
@@ -180,11 +195,18 @@ def collate(samples: list[dict], *, pad_id: int, n: int, max_length: int, next_s
         cut = max(len(context) - keep, 0)
         contexts.append(context[cut:])
         prompt_lengths.append(max(len(record.prompt_ids) - cut, 0))
+    return contexts, prompt_lengths
+
+
+def padded(rows: list[list[int]], fill: int, size: int) -> torch.Tensor:
+    """[len(rows), size] long tensor, each row right-padded with `fill`."""
+    return torch.tensor([row + [fill] * (size - len(row)) for row in rows], dtype=torch.long)
+
+
+def collate(samples: list[dict], *, pad_id: int, n: int, max_length: int, next_state: bool, use_labels: bool) -> dict:
+    """Right-padded batch sharing one attention mask (see docs/data.md for the contract)."""
+    contexts, prompt_lengths = truncated_contexts(samples, n, max_length)
     width = max(len(c) for c in contexts) + n
-
-    def padded(rows: list[list[int]], fill: int, size: int) -> torch.Tensor:
-        return torch.tensor([row + [fill] * (size - len(row)) for row in rows], dtype=torch.long)
-
     batch = {
         "input_ids": padded([c + s["state"] for c, s in zip(contexts, samples)], pad_id, width),
         "fixed_point_ids": padded([c + s["record"].fixed_point for c, s in zip(contexts, samples)], pad_id, width),
@@ -205,6 +227,41 @@ def collate(samples: list[dict], *, pad_id: int, n: int, max_length: int, next_s
         batch["labels_ids"] = padded(labels, -100, span)
         batch["labels_attention_mask"] = padded([[1] * len(label) for label in labels], 0, span)
     return batch
+
+
+def collate_packed(samples: list[dict], *, pad_id: int, n: int, max_length: int) -> dict:
+    """One row per record: ctx + y* + s_1 + ... + s_k, each segment attending to ctx and causally to itself only.
+
+    Positions restart at len(ctx) for y* and for every state, so each segment sees exactly what it sees unpacked.
+    The context keeps the unpacked budget of max_length - n tokens (rows may be longer than max_length).
+    Segment ids: 0 context, 1 fixed point, 1 + j state j, -1 padding; padding keys are seen by no real token.
+    """
+    contexts, prompt_lengths = truncated_contexts(samples, n, max_length)
+    most_states = max(len(sample["states"]) for sample in samples)
+    rows, positions, segments, segment_starts = [], [], [], []
+    for context, sample in zip(contexts, samples):
+        parts = [sample["record"].fixed_point, *sample["states"]]
+        rows.append(context + [token for part in parts for token in part])
+        block_positions = list(range(len(context), len(context) + n))
+        positions.append(list(range(len(context))) + block_positions * len(parts))
+        segments.append([0] * len(context) + [1 + j for j in range(len(parts)) for _ in range(n)])
+        starts = [len(context) + n * j for j in range(1, len(parts))]
+        segment_starts.append(starts + [-1] * (most_states - len(starts)))
+    width = max(len(row) for row in rows)
+    segment = padded(segments, -1, width)
+    query_segment, key_segment = segment[:, :, None], segment[:, None, :]
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    # may attend[b, q, k] = k <= q and (k in the context or k in q's own segment)
+    may_attend = causal & ((key_segment == 0) | (key_segment == query_segment))
+    return {
+        "input_ids": padded(rows, pad_id, width),
+        "position_ids": padded(positions, 0, width),
+        "attention_mask": may_attend[:, None],
+        "fixed_point_mask": padded([[1] * (len(c) + n) for c in contexts], 0, width),
+        "block_start": torch.tensor([len(c) for c in contexts], dtype=torch.long),
+        "segment_starts": torch.tensor(segment_starts, dtype=torch.long),
+        "prompt_length": torch.tensor(prompt_lengths, dtype=torch.long),
+    }
 
 
 class EpochDataLoader(DataLoader):

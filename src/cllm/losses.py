@@ -10,6 +10,9 @@ Consistency (Kou et al. 2024, eq. 4 and 5), over block positions i = 0..n-1:
     L_local  = mean_i D( p_θ⁻(· | ctx, s'[:i]) || p_θ(· | ctx, s[:i]) )
 
 Both are the same function here; only the target logits (from ctx + y* or from ctx + s') differ.
+
+Packed rows (`ctx + y* + s_1 + ... + s_k`, each segment seeing ctx and itself only, positions restarting at
+len(ctx)) hold the AR input and k student inputs of one record: `packed_consistency_loss` scores them all.
 """
 
 from __future__ import annotations
@@ -27,6 +30,11 @@ def block_logits(logits: torch.Tensor, block_start: torch.Tensor, n: int) -> tor
     return logits.gather(1, index)
 
 
+def at_least_float32(logits: torch.Tensor) -> torch.Tensor:
+    """Half-precision logits upcast to float32 for a stable log-softmax; float64 stays float64 (exact tests)."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
 def divergence(target_logits: torch.Tensor, student_logits: torch.Tensor, kind: str) -> torch.Tensor:
     """Per-position divergence D(p_target || p_student) over the last (vocabulary) axis; shape = logits[..., 0].
 
@@ -34,8 +42,8 @@ def divergence(target_logits: torch.Tensor, student_logits: torch.Tensor, kind: 
     soft_ce:     -Σ_v p_t log p_s          (= forward KL + entropy of the target; same gradient in θ)
     reverse_kl:  Σ_v p_s (log p_s - log p_t)
     """
-    log_target = F.log_softmax(target_logits.float(), dim=-1)
-    log_student = F.log_softmax(student_logits.float(), dim=-1)
+    log_target = F.log_softmax(at_least_float32(target_logits), dim=-1)
+    log_student = F.log_softmax(at_least_float32(student_logits), dim=-1)
     if kind == "forward_kl":
         return (log_target.exp() * (log_target - log_student)).sum(-1)
     if kind == "soft_ce":
@@ -80,17 +88,85 @@ def consistency_loss(
         mask_before_mismatch: keep only block positions whose input prefix differs from the target's.
     """
     student = block_logits(student_logits, block_start, n)
-    target = block_logits(target_logits.detach(), block_start, n)
-    per_position = divergence(target, student, kind)  # [B, n]
+    target = block_logits(target_logits, block_start, n)
     if not mask_before_mismatch:
-        return per_position.mean()
+        return mean_block_divergence(student, target, kind)
     if state_ids is None or target_ids is None:
         raise ValueError("mask_before_mismatch needs state_ids and target_ids")
-    keep = positions_after_first_mismatch(
-        _block_ids(state_ids, block_start, n), _block_ids(target_ids, block_start, n)
-    ).to(per_position.dtype)
+    state_tokens, target_tokens = _block_ids(state_ids, block_start, n), _block_ids(target_ids, block_start, n)
+    return mean_block_divergence(student, target, kind, state_tokens=state_tokens, target_tokens=target_tokens)
+
+
+def mean_block_divergence(
+    student: torch.Tensor,
+    target: torch.Tensor,
+    kind: str,
+    *,
+    state_tokens: torch.Tensor | None = None,
+    target_tokens: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """mean over kept (sample, block position) of D(p_target || p_student), target detached.
+
+    Args:
+        student, target: [S, n, V] logits predicting the n block tokens of S samples.
+        kind: one of DIVERGENCES.
+        state_tokens, target_tokens: [S, n] block tokens; given, positions before the first mismatch are dropped.
+    """
+    per_position = divergence(target.detach(), student, kind)  # [S, n]
+    if state_tokens is None:
+        return per_position.mean()
+    keep = positions_after_first_mismatch(state_tokens, target_tokens).to(per_position.dtype)
     # An all-masked batch (every state already equal to its target) contributes 0, not NaN.
     return (per_position * keep).sum() / keep.sum().clamp(min=1)
+
+
+def packed_segments(
+    block_start: torch.Tensor, segment_starts: torch.Tensor, n: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Where the S real state segments of packed rows are: (row [S], token positions [S, n], logit positions [S, n]).
+
+    Block token 0 of every segment is predicted by the last context token (shared by all segments of a row),
+    token i > 0 by the segment's own position i - 1: logit positions = [block_start - 1, start, ..., start + n - 2].
+    Padded segments (start -1) are left out.
+    """
+    rows, slots = (segment_starts >= 0).nonzero(as_tuple=True)
+    starts = segment_starts[rows, slots]
+    token_positions = starts[:, None] + torch.arange(n, device=starts.device)
+    logit_positions = torch.cat([block_start.to(starts.device)[rows, None] - 1, token_positions[:, :-1]], dim=1)
+    return rows, token_positions, logit_positions
+
+
+def packed_consistency_loss(
+    logits: torch.Tensor,
+    input_ids: torch.Tensor,
+    block_start: torch.Tensor,
+    segment_starts: torch.Tensor,
+    n: int,
+    *,
+    kind: str = "forward_kl",
+    mask_before_mismatch: bool = False,
+) -> torch.Tensor:
+    """Global L_c of packed rows: mean over real (state, block position) of D(p_θ⁻(·|ctx, y*[:i]) || p_θ(·|ctx, s[:i])).
+
+    Equals `consistency_loss` over one unpacked row per state. The target is the row's own fixed-point segment.
+
+    Args:
+        logits: [B, L, V] of the model on the packed rows.
+        input_ids: [B, L] packed rows ctx + y* + s_1 + ... + s_k.
+        block_start: [B] context length (start of y*).
+        segment_starts: [B, k] start of each state segment, -1 for a padded segment.
+        n: block size.
+        kind: one of DIVERGENCES.
+        mask_before_mismatch: keep only block positions whose input prefix differs from y*'s.
+    """
+    rows, token_positions, logit_positions = packed_segments(block_start, segment_starts, n)
+    student = logits[rows[:, None], logit_positions]  # [S, n, V]
+    target = block_logits(logits, block_start, n)[rows]
+    if not mask_before_mismatch:
+        return mean_block_divergence(student, target, kind)
+    state_tokens = input_ids[rows[:, None], token_positions]
+    target_tokens = _block_ids(input_ids, block_start, n)[rows]
+    return mean_block_divergence(student, target, kind, state_tokens=state_tokens, target_tokens=target_tokens)
 
 
 def _block_ids(ids: torch.Tensor, block_start: torch.Tensor, n: int) -> torch.Tensor:
@@ -120,7 +196,7 @@ def ar_loss(
 
 def labels_nll(logits: torch.Tensor, labels: torch.Tensor, *, label_smoothing: float = 0.0) -> torch.Tensor:
     """Shifted token NLL (ignore index -100): the logit at t is scored against labels[t + 1]."""
-    shifted_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
+    shifted_logits = at_least_float32(logits[:, :-1]).reshape(-1, logits.shape[-1])
     shifted_labels = labels[:, 1:].reshape(-1)
     if (shifted_labels != -100).sum() == 0:
         return logits.sum() * 0.0  # nothing to score (keeps the graph, no NaN)

@@ -147,8 +147,29 @@ class CLLMModule(LightningModule):
         if self.n is None:
             raise UserError("model.init_args.n is not set and the data module has no block size `n`")
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Logits [B, L, V]; takes a 2D padding mask [B, L] or a 4D boolean may-attend mask [B, 1, L, L] (packed)."""
+        if attention_mask.ndim == 4:
+            attention_mask = self._custom_attention_mask(attention_mask)
+        return self.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).logits
+
+    def _custom_attention_mask(self, may_attend: torch.Tensor) -> torch.Tensor:
+        """The 4D mask in the form the attention takes it: boolean for sdpa, additive (0 / -inf) for eager."""
+        implementation = self.model.config._attn_implementation
+        if implementation == "sdpa":
+            return may_attend
+        if implementation == "eager":  # eager adds the mask to the scores: a boolean would add 1 and 0
+            dtype = self.model.dtype
+            blocked = torch.full(may_attend.shape, torch.finfo(dtype).min, dtype=dtype, device=may_attend.device)
+            return blocked.masked_fill(may_attend, 0.0)
+        raise UserError(
+            f"packed batches (data.init_args.state_strategy: pack) need a 4D attention mask, which "
+            f"attn_implementation {implementation!r} does not take; set model.init_args.attn_implementation: sdpa"
+        )
 
     # ---------------------------------------------------------------- losses
     def compute_losses(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -159,8 +180,10 @@ class CLLMModule(LightningModule):
         p_θ⁻(·|ctx, y*) is the same model at the same weights on the same input as the AR pass, so the AR pass's
         logits, detached, are exactly the target: no separate no-grad pass is needed (the official trainer makes
         three passes: student, target, AR). Local consistency adds one no-grad pass over ctx + s'; AR on labels adds
-        one pass with grad over the labels.
+        one pass with grad over the labels. Packed batches (`segment_starts` in the batch): `_packed_losses`.
         """
+        if "segment_starts" in batch:
+            return self._packed_losses(batch)
         hp = self.hparams
         mask = batch["attention_mask"]
         use_consistency = hp.consistency_weight != 0
@@ -223,6 +246,45 @@ class CLLMModule(LightningModule):
         total = losses.total_loss(consistency, ar, consistency_weight=hp.consistency_weight, ar_weight=hp.ar_weight)
         return {"loss": total, "consistency_loss": consistency, "ar_loss": ar}
 
+    def _packed_losses(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The loss parts of packed rows ctx + y* + s_1 + ... + s_k (`collate_packed`), in ONE forward pass.
+
+        Each segment sees only ctx and itself, at the positions it has unpacked, so the y* segment gives the AR
+        logits and the global target, and each state segment a student: the same numbers as unpacked rows.
+        """
+        hp = self.hparams
+        use_consistency, use_ar = hp.consistency_weight != 0, hp.ar_weight != 0
+        packed = "packed batches (data.init_args.state_strategy: pack) support"
+        if use_consistency and hp.consistency != "global":
+            raise UserError(f"{packed} model.consistency=global only, not {hp.consistency!r}")
+        if use_ar and hp.ar_target != "fixed_point":
+            raise UserError(f"{packed} model.ar_target=fixed_point only, not {hp.ar_target!r}")
+        ids = batch["input_ids"]
+        logits = self(ids, batch["attention_mask"], batch["position_ids"])
+        zero = ids.new_zeros((), dtype=torch.float32)
+        consistency = zero
+        if use_consistency:
+            consistency = losses.packed_consistency_loss(
+                logits,
+                ids,
+                batch["block_start"],
+                batch["segment_starts"],
+                self.n,
+                kind=hp.divergence,
+                mask_before_mismatch=hp.mask_before_mismatch,
+            )
+        ar = zero
+        if use_ar:
+            ar = losses.ar_loss(
+                logits,
+                ids,
+                batch["fixed_point_mask"],  # the ctx + y* segment only: the unpacked AR row
+                prompt_length=batch["prompt_length"] if hp.ar_mask_prompt else None,
+                label_smoothing=hp.label_smoothing,
+            )
+        total = losses.total_loss(consistency, ar, consistency_weight=hp.consistency_weight, ar_weight=hp.ar_weight)
+        return {"loss": total, "consistency_loss": consistency, "ar_loss": ar}
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         parts = self.compute_losses(batch)
         self._stop_if_not_finite(parts["loss"], batch_idx)
@@ -233,7 +295,7 @@ class CLLMModule(LightningModule):
         now = time.perf_counter()
         if self._last_step_time is not None:
             # real tokens in the student input, all ranks; the interval covers data loading, forward, backward, step
-            tokens = batch["attention_mask"].sum().item() * self.trainer.world_size
+            tokens = real_tokens(batch, self.n) * self.trainer.world_size
             self.log("train/tokens_per_s", tokens / max(now - self._last_step_time, 1e-9), batch_size=rows)
         self._last_step_time = now
         return parts["loss"]
@@ -278,6 +340,14 @@ class CLLMModule(LightningModule):
             optimizer, lambda step: warmup_cosine(step, int(total), hp.warmup_ratio, hp.min_lr_ratio)
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def real_tokens(batch: dict[str, torch.Tensor], n: int) -> int:
+    """Real (not padding) tokens of the student input: ctx + s per row, or the whole packed row ctx + y* + k states."""
+    if "segment_starts" in batch:
+        segments = 1 + (batch["segment_starts"] >= 0).sum(1)
+        return int((batch["block_start"] + n * segments).sum().item())
+    return int(batch["attention_mask"].sum().item())
 
 
 def warmup_cosine(step: int, total_steps: int, warmup_ratio: float, min_ratio: float = 0.0) -> float:
