@@ -34,11 +34,12 @@ from cllm.models import load_model
 from cllm.trajectory import REPETITION_LIMIT
 
 # Two suites, never mixed: `broad` (held-out stdlib-code and HumanEval) and `json` (the narrow json-extract
-# domain). Each has a quick and a full profile: quality_limit = prompts per set for acceptance and quality,
-# speed_limit = prompts per set timed at batch 1; `fit` = overrides of the `cllm fit` config.
+# domain). Each has config overlays (after --config) and a quick and a full profile: quality_limit = prompts per
+# set for acceptance and quality, speed_limit = prompts per set timed at batch 1; `fit` = overrides of the config.
 SUITES = {
     "broad": {
         "sets": {"stdlib-code": "stdlib-code:test", "humaneval": "humaneval"},
+        "overlays": [],
         "output": "headline",
         "title": "SmolLM2-135M-Instruct, broad code prompts",
         "quick": {
@@ -60,6 +61,7 @@ SUITES = {
     },
     "json": {
         "sets": {"json-extract": "json-extract:test"},
+        "overlays": ["domains/json-extract.yaml"],
         "output": "narrow-json",
         "title": "SmolLM2-135M-Instruct, narrow domain: json-extract (structured output)",
         "quick": {
@@ -68,8 +70,6 @@ SUITES = {
             "max_new_tokens": 64,
             "n_values": [16],
             "fit": [
-                "--data.init_args.prompts=json-extract:train",
-                "--data.init_args.val_prompts=json-extract:validation",
                 "--data.init_args.prompt_limit=16",
                 "--data.init_args.val_prompt_limit=4",
                 "--trainer.max_steps=8",
@@ -82,13 +82,7 @@ SUITES = {
             "speed_limit": 6,
             "max_new_tokens": 64,
             "n_values": [8, 16, 32],
-            "fit": [
-                "--data.init_args.prompts=json-extract:train",
-                "--data.init_args.val_prompts=json-extract:validation",
-                "--data.init_args.prompt_limit=192",
-                "--trainer.max_steps=120",
-                "--trainer.val_check_interval=40",
-            ],
+            "fit": [],  # the overlay's own sizes: 192 prompts, 120 steps, validation every 40
         },
     },
 }
@@ -348,6 +342,7 @@ def main() -> None:
             "fit",
             "--config",
             args.config,
+            *(f"--config={overlay}" for overlay in suite["overlays"]),
             f"--trainer.default_root_dir={work / 'fit'}",
             f"--trainer.logger.init_args.save_dir={work / 'fit'}",
             f"--data.init_args.path={work / 'trajectories'}",
@@ -368,7 +363,7 @@ def main() -> None:
         "command": " ".join(["python benchmarks/headline.py", *sys.argv[1:]]),
         "machine": f"{torch.get_num_threads()} torch threads, {sys.platform}",
         "settings": {k: v for k, v in profile.items() if k != "fit"}
-        | {"fit_overrides": profile["fit"] + args.fit_args},
+        | {"config": [args.config, *suite["overlays"]], "fit_overrides": profile["fit"] + args.fit_args},
         "timings": timings,
         "models": {
             "base": evaluate("smollm2-135m", prompt_sets, profile, args.dtypes),

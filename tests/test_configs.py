@@ -57,3 +57,13 @@ def test_llama7b_recipe(capsys):
     assert trainer["strategy"]["class_path"].endswith("ModelParallelStrategy")
     assert model["activation_checkpointing"] and model["fsdp_param_dtype"] == "bfloat16"
     assert trainer["logger"]["class_path"].endswith("WandbLogger")
+
+
+def test_json_extract_domain_overlays(capsys):
+    parsed = print_config(capsys, "smollm2-135m.yaml", "domains/json-extract.yaml")
+    data = parsed["data"]["init_args"]
+    assert (data["prompts"], data["val_prompts"]) == ("json-extract:train", "json-extract:validation")
+    assert data["path"] != "data/smollm2-135m"  # never mixed with the stdlib-code trajectories
+    long = print_config(capsys, "smollm2-135m.yaml", "domains/json-extract.yaml", "domains/json-extract-long.yaml")
+    assert long["data"]["init_args"]["path"] == data["path"]  # reuses the same trajectories
+    assert long["data"]["init_args"]["state_strategy"] == "pack" and long["trainer"]["max_steps"] == 480
