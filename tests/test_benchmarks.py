@@ -1,16 +1,20 @@
-"""The headline benchmark's report code (benchmarks/headline.py): suites, quality scoring per set, the markdown tables."""
+"""Benchmark scripts: the headline report code (suites, quality per set, markdown) and the pass-cost script."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from cllm.data_modules.prompts import load_prompts
 
-SCRIPT = Path(__file__).parents[1] / "benchmarks" / "headline.py"
+BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
+SCRIPT = BENCHMARKS / "headline.py"
 
 
 @pytest.fixture(scope="module")
@@ -71,3 +75,15 @@ def test_markdown_reports_every_set_and_model(headline):
     assert "| json-extract | base | 2 | 1.100 | exact 0.500 |" in text
     assert "| json-extract | cllm | 16 | 1.400 | 5.0 (float32) | 10.0 (float32) | 0.50x | 100% |" in text
     json.dumps(results)  # the report is plain JSON
+
+
+def test_pass_cost_script_writes_one_row_per_dtype_and_block(tmp_path):
+    output = tmp_path / "pass_cost.json"
+    command = [sys.executable, str(BENCHMARKS / "pass_cost.py"), "--shape", "tiny", "--dtypes", "float32", "float64"]
+    command += ["--blocks", "1", "4", "--repeats", "1", "--context", "8", "--output", str(output)]
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(output.read_text())["rows"]
+    assert [(r["dtype"], r["block"]) for r in rows] == [("float32", 1), ("float32", 4), ("float64", 1), ("float64", 4)]
+    assert all(r["ms"] > 0 for r in rows) and rows[0]["x_one_token"] == 1.0
+    assert "break-even acceptance" in done.stdout
