@@ -51,25 +51,19 @@ def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
-def _person(rng: random.Random) -> tuple[dict, str]:
+# Each kind: a function drawing the record (and extra words its sentences use) and the sentence templates; the
+# template is drawn after the record. Templates name record keys and extras as str.format fields.
+def _person(rng: random.Random) -> tuple[dict, dict]:
     record = {
         "name": f"{rng.choice(_words(FIRST))} {rng.choice(_words(LAST))}",
         "age": rng.randint(19, 78),
         "city": rng.choice(_words(CITIES)),
         "job": rng.choice(_words(JOBS)),
     }
-    name, age, city, job = record.values()
-    sentence = rng.choice(
-        [
-            f"{name} is {age} years old, lives in {city} and works as {_article(job)} {job}.",
-            f"Meet {name}, {_article(job)} {job} from {city} who is {age}.",
-            f"{name} ({age}) has been working as {_article(job)} {job} in {city} for years.",
-        ]
-    )
-    return record, sentence
+    return record, {"a_job": f"{_article(record['job'])} {record['job']}"}
 
 
-def _product(rng: random.Random) -> tuple[dict, str]:
+def _product(rng: random.Random) -> tuple[dict, dict]:
     record = {
         "brand": rng.choice(_words(BRANDS)),
         "product": rng.choice(_words(PRODUCTS)),
@@ -77,18 +71,10 @@ def _product(rng: random.Random) -> tuple[dict, str]:
         "price": rng.randint(5, 400),
         "in_stock": rng.random() < 0.5,
     }
-    brand, product, color, price, in_stock = record.values()
-    stock = "is in stock" if in_stock else "is sold out"
-    sentence = rng.choice(
-        [
-            f"The {color} {brand} {product} costs {price} dollars and {stock}.",
-            f"{brand} sells a {color} {product} for {price} dollars; it {stock}.",
-        ]
-    )
-    return record, sentence
+    return record, {"stock": "is in stock" if record["in_stock"] else "is sold out"}
 
 
-def _flight(rng: random.Random) -> tuple[dict, str]:
+def _flight(rng: random.Random) -> tuple[dict, dict]:
     origin, destination = rng.sample(_words(CITIES), 2)
     record = {
         "airline": rng.choice(_words(AIRLINES)),
@@ -97,17 +83,10 @@ def _flight(rng: random.Random) -> tuple[dict, str]:
         "to": destination,
         "departure": f"{rng.randint(0, 23):02d}:{rng.choice([0, 5, 10, 15, 20, 25, 30, 35, 40, 45, 50, 55]):02d}",
     }
-    airline, flight, origin, destination, departure = record.values()
-    sentence = rng.choice(
-        [
-            f"{airline} flight {flight} leaves {origin} for {destination} at {departure}.",
-            f"At {departure}, flight {flight} of {airline} departs from {origin} to {destination}.",
-        ]
-    )
-    return record, sentence
+    return record, {}
 
 
-def _book(rng: random.Random) -> tuple[dict, str]:
+def _book(rng: random.Random) -> tuple[dict, dict]:
     first, second = rng.sample(_words(TITLE_WORDS), 2)
     record = {
         "title": f"The {first} {second}",
@@ -115,17 +94,10 @@ def _book(rng: random.Random) -> tuple[dict, str]:
         "year": rng.randint(1850, 2024),
         "pages": rng.randint(90, 900),
     }
-    title, author, year, pages = record.values()
-    sentence = rng.choice(
-        [
-            f"{author} wrote {title}, a book of {pages} pages published in {year}.",
-            f"Published in {year}, {title} by {author} runs to {pages} pages.",
-        ]
-    )
-    return record, sentence
+    return record, {}
 
 
-def _event(rng: random.Random) -> tuple[dict, str]:
+def _event(rng: random.Random) -> tuple[dict, dict]:
     record = {
         "event": rng.choice(_words(EVENTS)),
         "city": rng.choice(_words(CITIES)),
@@ -133,17 +105,54 @@ def _event(rng: random.Random) -> tuple[dict, str]:
         "day": rng.randint(1, 28),
         "attendees": rng.randint(2, 90) * 100,
     }
-    event, city, month, day, attendees = record.values()
-    sentence = rng.choice(
+    return record, {}
+
+
+KINDS = {
+    "person": (
+        _person,
         [
-            f"The {city} {event} on {month} {day} expects {attendees} attendees.",
-            f"About {attendees} people will attend the {event} in {city} on {month} {day}.",
-        ]
-    )
-    return record, sentence
+            "{name} is {age} years old, lives in {city} and works as {a_job}.",
+            "Meet {name}, {a_job} from {city} who is {age}.",
+            "{name} ({age}) has been working as {a_job} in {city} for years.",
+        ],
+    ),
+    "product": (
+        _product,
+        [
+            "The {color} {brand} {product} costs {price} dollars and {stock}.",
+            "{brand} sells a {color} {product} for {price} dollars; it {stock}.",
+        ],
+    ),
+    "flight": (
+        _flight,
+        [
+            "{airline} flight {flight} leaves {from} for {to} at {departure}.",
+            "At {departure}, flight {flight} of {airline} departs from {from} to {to}.",
+        ],
+    ),
+    "book": (
+        _book,
+        [
+            "{author} wrote {title}, a book of {pages} pages published in {year}.",
+            "Published in {year}, {title} by {author} runs to {pages} pages.",
+        ],
+    ),
+    "event": (
+        _event,
+        [
+            "The {city} {event} on {month} {day} expects {attendees} attendees.",
+            "About {attendees} people will attend the {event} in {city} on {month} {day}.",
+        ],
+    ),
+}
 
 
-KINDS = {"person": _person, "product": _product, "flight": _flight, "book": _book, "event": _event}
+def draw(kind: str, rng: random.Random) -> tuple[dict, str]:
+    """One record of `kind` and a sentence stating it."""
+    make, templates = KINDS[kind]
+    record, extras = make(rng)
+    return record, rng.choice(templates).format(**record, **extras)
 
 
 def split_of(prompt_id: str) -> str:
@@ -153,12 +162,12 @@ def split_of(prompt_id: str) -> str:
 
 def generate_all() -> list[Prompt]:
     """All SIZE prompts, in a fixed order; a repeated sentence is generated again, so every text is unique."""
-    examples = {kind: make(random.Random(EXAMPLE_SEED)) for kind, make in KINDS.items()}
+    examples = {kind: draw(kind, random.Random(EXAMPLE_SEED)) for kind in KINDS}
     rng = random.Random(SEED)
     prompts, seen = [], {sentence for _, sentence in examples.values()}
     while len(prompts) < SIZE:
         kind = rng.choice(sorted(KINDS))
-        record, sentence = KINDS[kind](rng)
+        record, sentence = draw(kind, rng)
         if sentence in seen:
             continue
         seen.add(sentence)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -46,3 +47,11 @@ def test_score_output():
 def test_unknown_split_is_an_error():
     with pytest.raises(UserError, match="json-extract has splits"):
         load_prompts("json-extract:dev")
+
+
+def test_the_set_is_frozen():
+    """Published results depend on these exact prompts: a change to the generator must change this digest on
+    purpose (and the results be rerun)."""
+    prompts = json_extract.generate_all()
+    digest = hashlib.sha256(repr([(p.id, p.text, p.answer) for p in prompts]).encode()).hexdigest()
+    assert digest == "34683eb1e156dcf4bbb5ead7db9ac0ffd69dd1a646617592698e74e0567c6a08"
