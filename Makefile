@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast lint bench headline headline-quick clean
+.PHONY: setup demo test test-fast lint bench headline headline-quick headline-json clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,9 @@ headline: setup
 
 headline-quick: setup
 	$(PY) benchmarks/headline.py --quick
+
+headline-json: setup
+	$(PY) benchmarks/headline.py --suite json
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info
