@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
 
 from cllm.bench import write_json
 from cllm.jacobi import cache_argument
@@ -47,13 +47,7 @@ def build(shape: str, dtype: torch.dtype, device: str, layers: int | None) -> to
         options["num_hidden_layers"] = layers
     config = LlamaConfig(**options, max_position_embeddings=4096, attn_implementation="sdpa")
     with torch.device(device):
-        previous = torch.get_default_dtype()
-        torch.set_default_dtype(dtype)
-        try:
-            model = LlamaForCausalLM(config)
-        finally:
-            torch.set_default_dtype(previous)
-    return model.eval()
+        return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
 
 
 def synchronize(device: str) -> None:
