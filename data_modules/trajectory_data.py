@@ -235,6 +235,8 @@ class TrajectoryDataModule(LightningDataModule):
         loader = EpochDataLoader(stream, batch_size=h.batch_size, num_workers=h.num_workers, collate_fn=collate_fn)
         if trainer is not None and not validation:
             loader.epoch_fn = lambda: self.trainer.current_epoch
+            # `processed` counts the batches trained on in this epoch, at every point where a checkpoint is saved.
+            loader.trained_fn = lambda: self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
         return loader
 
     def train_dataloader(self) -> DataLoader:

@@ -15,7 +15,9 @@ from __future__ import annotations
 import hashlib
 import random
 from array import array
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterator
+from itertools import islice
 from pathlib import Path
 
 import torch
@@ -265,14 +267,33 @@ def collate_packed(samples: list[dict], *, pad_id: int, n: int, max_length: int)
 
 
 class EpochDataLoader(DataLoader):
-    """Tells the stream which epoch starts (for its shuffle) each time an epoch's iteration begins."""
+    """A DataLoader over a TrajectoryStream that tells the stream which epoch starts (for its shuffle) each time an
+    epoch's iteration begins, and that resumes mid-epoch.
 
-    epoch_fn = None
+    The stream's order is a pure function of (seed, epoch), so a checkpoint needs only (epoch, batches already
+    trained on): Lightning stores `state_dict()` in every checkpoint and hands it to `load_state_dict()` on resume,
+    and the next iteration of that epoch skips those batches. A resumed run then trains on the same batches, in the
+    same order, as an uninterrupted one.
+    """
+
+    epoch_fn: Callable[[], int] | None = None  # the trainer's current epoch; without it, iterations are counted
+    trained_fn: Callable[[], int] | None = None  # batches of the current epoch already trained on
+    _started = False
+    _resume: dict | None = None
 
     def __iter__(self):
         dataset = self.dataset
         dataset.epoch = self.epoch_fn() if self.epoch_fn is not None else dataset.epoch + int(self._started)
         self._started = True
-        return super().__iter__()
+        iterator = super().__iter__()
+        resume, self._resume = self._resume, None
+        if resume is not None and resume["epoch"] == dataset.epoch:
+            deque(islice(iterator, resume["batches"]), maxlen=0)  # already trained on before the checkpoint
+        return iterator
 
-    _started = False
+    def state_dict(self) -> dict[str, int]:
+        """Where training stands in the stream (without a trainer: the start of the current epoch)."""
+        return {"epoch": self.dataset.epoch, "batches": self.trained_fn() if self.trained_fn is not None else 0}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._resume = dict(state)

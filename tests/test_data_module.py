@@ -217,6 +217,59 @@ def test_trainer_fit_sees_every_record_each_epoch_in_a_new_order(tmp_path):
     assert module.orders[0] != module.orders[1]
 
 
+@pytest.mark.parametrize("workers, saved_by", [(0, "train step"), (2, "train step"), (0, "validation")])
+def test_resume_mid_epoch_trains_on_the_same_batches(tmp_path, workers, saved_by):
+    """A run resumed from a mid-epoch checkpoint sees the batches an uninterrupted run sees, across an epoch end,
+    whether the checkpoint was written after a training step or (as in the configs) after a validation."""
+    from lightning.pytorch import LightningModule, Trainer
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    make_dataset(tmp_path / "data")
+
+    class Recorder(LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(()))
+            self.batches: dict[int, list[int]] = {}
+
+        def training_step(self, batch, batch_idx):
+            self.batches[self.global_step] = [row[3] for row in batch["input_ids"].tolist()]
+            return (self.weight - 1) ** 2
+
+        def validation_step(self, batch, batch_idx):
+            pass
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def fit(steps: int, ckpt_path=None) -> tuple[dict[int, list[int]], int]:
+        module = Recorder()
+        dm = TrajectoryDataModule(
+            str(tmp_path / "data"), "tiny", n=N, batch_size=4, val_fraction=0.3, num_workers=workers
+        )
+        by_step = saved_by == "train step"
+        trainer = Trainer(
+            max_steps=steps,
+            callbacks=[ModelCheckpoint(tmp_path / "ckpt", every_n_train_steps=3 if by_step else None, save_top_k=-1)],
+            val_check_interval=None if by_step else 3,
+            check_val_every_n_epoch=1 if by_step else None,
+            limit_val_batches=0 if by_step else 1,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            accelerator="cpu",
+            default_root_dir=tmp_path,
+        )
+        trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+        return module.batches, trainer.num_training_batches
+
+    uninterrupted, per_epoch = fit(10)
+    assert 3 < per_epoch < 10  # the checkpoint at step 3 is mid-epoch, and the runs cross an epoch end
+    resumed, _ = fit(10, ckpt_path=tmp_path / "ckpt" / "epoch=0-step=3.ckpt")
+    assert resumed == {step: uninterrupted[step] for step in range(3, 10)}
+    assert uninterrupted[3] != uninterrupted[0]  # replaying the epoch from its start would fail the check above
+
+
 def test_setup_scan_is_cached_per_manifest_and_settings(tmp_path, monkeypatch):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(json.dumps({"id": f"q{i}", "prompt": f"y = {i}"}) + "\n" for i in range(3)))
