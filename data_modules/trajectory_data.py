@@ -101,7 +101,10 @@ class TrajectoryDataModule(LightningDataModule):
             raise UserError(f"data.init_args.pack_states must be at least 1, not {pack_states}")
         if max_length <= n:
             raise UserError(f"max_length ({max_length}) must be larger than the block size n ({n})")
-        self.save_hyperparameters()
+        # `model` stays out of the hparams: the module logs its own `model`, and Lightning refuses module and data
+        # hparams that share a key with different values (training one model on another's trajectories is fine as
+        # long as the tokenizers match). The trajectories' manifest and the saved config keep it.
+        self.save_hyperparameters(ignore=["model"])
         self.path, self.model, self.n, self.chat_template = Path(path), model, n, chat_template
         self.tokenizer = None
         self.manifest: dict | None = None
@@ -115,10 +118,10 @@ class TrajectoryDataModule(LightningDataModule):
         from cllm.trajectory import CollectConfig
 
         h = self.hparams
-        rank_zero_info(f"{self.path} has no manifest.json: collecting trajectories of {h.model} on {h.prompts}")
+        rank_zero_info(f"{self.path} has no manifest.json: collecting trajectories of {self.model} on {h.prompts}")
         run_collection(
             CollectConfig(
-                model=h.model,
+                model=self.model,
                 prompts=h.prompts,
                 output=str(self.path),
                 n=h.n,

@@ -288,3 +288,30 @@ def test_setup_scan_is_cached_per_manifest_and_settings(tmp_path, monkeypatch):
     assert second._samples == first._samples and len(list(folder.glob(".scan-*.bin"))) == 1
     with pytest.raises(AssertionError, match="scanned again"):
         TrajectoryDataModule(str(folder), "tiny", **settings, state_strategy="all").setup()
+
+
+def test_trajectories_of_another_model_with_the_same_tokenizer_train_and_log(tmp_path):
+    """Training a model (model.model) on trajectories collected by another one with the same tokenizer (data.model,
+    e.g. a CLLM checkpoint trained further on the base model's trajectories) is not refused by Lightning's "same
+    hparams key, different values" check; the logged `model` is the trained one."""
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.loggers import CSVLogger
+
+    from cllm.module import CLLMModule
+
+    make_dataset(tmp_path / "data")
+    module = CLLMModule(model="tiny:seed=1")
+    dm = TrajectoryDataModule(str(tmp_path / "data"), "tiny", n=N, batch_size=4, val_fraction=0.0)
+    logger = CSVLogger(tmp_path, name="logs")
+    trainer = Trainer(
+        max_steps=1,
+        logger=logger,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        accelerator="cpu",
+    )
+    trainer.fit(module, datamodule=dm)
+    logged = (tmp_path / "logs" / "version_0" / "hparams.yaml").read_text()
+    assert "model: tiny:seed=1" in logged and "model: tiny\n" not in logged
