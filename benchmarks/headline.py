@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import subprocess
 import sys
 import time
@@ -183,10 +184,11 @@ def evaluate(spec: str, prompt_sets: dict, profile: dict, dtypes: list[str]) -> 
             "per_prompt_accepted_tokens_per_step": decoded.accepted_tokens_per_step,
             "degenerate_rate": sum(has_repeated_run(o, REPETITION_LIMIT) for o in outputs) / len(outputs),
             "outputs": outputs,
-            "speed": speed(
-                models, tokenizer, ids[: profile["speed_limit"]], profile["max_new_tokens"], profile["n_values"]
-            ),
         }
+        if profile["speed_limit"] > 0:
+            entry["speed"] = speed(
+                models, tokenizer, ids[: profile["speed_limit"]], profile["max_new_tokens"], profile["n_values"]
+            )
         entry["quality"] = quality(name, prompts, texts)
         report[name] = entry
     return report
@@ -227,19 +229,27 @@ def markdown(results: dict) -> str:
         "",
         f"## Acceptance and quality (all evaluated prompts, n=16, max_new_tokens={settings['max_new_tokens']})",
         "",
-        "| prompts | model | prompts | accepted tok/step | quality vs ground truth | degenerate | = base output |"
-        " common prefix with base |",
-        "|---|---|---|---|---|---|---|---|",
+        "| prompts | model | prompts | accepted tok/step | quality vs ground truth | degenerate | at max_new_tokens |"
+        " = base output | common prefix with base |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for set_name in sets:
         for model in ("base", "cllm"):
             entry = results["models"][model][set_name]
             scores = ", ".join(f"{k} {v:.3f}" for k, v in entry["quality"].items()) or "-"
+            lengths = entry["output_lengths"]
+            at_limit = sum(length >= settings["max_new_tokens"] for length in lengths) / max(len(lengths), 1)
             lines.append(
                 f"| {set_name} | {model} | {entry['num_prompts']} | {entry['accepted_tokens_per_step']:.3f} | "
-                f"{scores} | {entry['degenerate_rate']:.3f} | {entry.get('exact_match_vs_base', 1.0):.3f} | "
-                f"{entry.get('common_prefix_vs_base', 1.0):.3f} |"
+                f"{scores} | {entry['degenerate_rate']:.3f} | {at_limit:.3f} | "
+                f"{entry.get('exact_match_vs_base', 1.0):.3f} | {entry.get('common_prefix_vs_base', 1.0):.3f} |"
             )
+    lines.append("")
+    lines.append(
+        "At max_new_tokens: share of outputs that ran into the length limit (unfinished code fails its tests)."
+    )
+    if not has_speed(results):
+        return "\n".join(lines) + "\n"
     lines += [
         "",
         f"## Speed (batch 1, first {settings['speed_limit']} prompts of each set)",
@@ -263,6 +273,10 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def has_speed(results: dict) -> bool:
+    return all("speed" in entry for model in results["models"].values() for entry in model.values())
+
+
 def plots(results: dict, output: Path) -> list[str]:
     try:
         import matplotlib
@@ -274,8 +288,6 @@ def plots(results: dict, output: Path) -> list[str]:
         return []
     made = []
     sets = results["sets"]
-    first = results["models"]["base"][next(iter(sets))]["speed"]["jacobi"]
-    n = "16" if "16" in first else None
     figure, axes = plt.subplots(1, len(sets), figsize=(5 * len(sets), 4), squeeze=False)
     for axis, set_name in zip(axes[0], sets):
         for model in ("base", "cllm"):
@@ -286,19 +298,21 @@ def plots(results: dict, output: Path) -> list[str]:
     figure.tight_layout()
     figure.savefig(output / "accepted_tokens_hist.png", dpi=100)
     made.append("accepted_tokens_hist.png")
-    figure, axis = plt.subplots(figsize=(6, 4))
-    for model in ("base", "cllm"):
-        values = []
-        for set_name in sets:
-            jacobi = results["models"][model][set_name]["speed"]["jacobi"]
-            values += jacobi[n or next(iter(jacobi))]["per_prompt_speedup"]
-        axis.plot(range(len(values)), values, "o", label=model)
-    axis.axhline(1.0, color="gray", lw=0.8)
-    axis.set(title="Jacobi speedup per prompt vs fastest greedy AR", xlabel="prompt", ylabel="speedup")
-    axis.legend()
-    figure.tight_layout()
-    figure.savefig(output / "speedup_per_prompt.png", dpi=100)
-    made.append("speedup_per_prompt.png")
+    if has_speed(results):
+        first = results["models"]["base"][next(iter(sets))]["speed"]["jacobi"]
+        n = "16" if "16" in first else next(iter(first))
+        figure, axis = plt.subplots(figsize=(6, 4))
+        for model in ("base", "cllm"):
+            values = []
+            for set_name in sets:
+                values += results["models"][model][set_name]["speed"]["jacobi"][n]["per_prompt_speedup"]
+            axis.plot(range(len(values)), values, "o", label=model)
+        axis.axhline(1.0, color="gray", lw=0.8)
+        axis.set(title=f"Jacobi speedup per prompt vs fastest greedy AR (n={n})", xlabel="prompt", ylabel="speedup")
+        axis.legend()
+        figure.tight_layout()
+        figure.savefig(output / "speedup_per_prompt.png", dpi=100)
+        made.append("speedup_per_prompt.png")
     if results["validation_curve"]:
         figure, axis = plt.subplots(figsize=(6, 4))
         steps, values = zip(*results["validation_curve"])
@@ -324,12 +338,32 @@ def main() -> None:
     parser.add_argument(
         "--dtypes", nargs="+", default=["float32"], help="dtypes to time greedy AR in; the fastest is the baseline"
     )
+    parser.add_argument(
+        "--speed-limit",
+        type=int,
+        default=None,
+        help="prompts per set timed at batch 1 (default: the profile's; 0: no timing)",
+    )
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="re-render results.md and the plots from --output's results.json",
+    )
     parser.add_argument("fit_args", nargs="*", help="extra overrides passed to `cllm fit` (after --)")
     args = parser.parse_args()
     name = "quick" if args.quick else "full"
     suite = SUITES[args.suite]
     profile, sets = suite[name], suite["sets"]
+    if args.speed_limit is not None:
+        profile = {**profile, "speed_limit": args.speed_limit}
     output = args.output or Path("docs/results") / (suite["output"] + ("-quick" if args.quick else ""))
+    if args.report_only:
+        results = json.loads((output / "results.json").read_text())
+        results["plots"] = plots(results, output)
+        write_json(output / "results.json", results)
+        (output / "results.md").write_text(markdown(results))
+        print(f"re-rendered {output}/results.md and {len(results['plots'])} plots")
+        return
     work = args.work_dir / f"{args.suite}-{name}"
     work.mkdir(parents=True, exist_ok=True)
     output.mkdir(parents=True, exist_ok=True)

@@ -54,13 +54,14 @@ def fake_entry(accepted: float) -> dict:
         "accepted_tokens_per_step": accepted,
         "per_prompt_accepted_tokens_per_step": [accepted, accepted],
         "degenerate_rate": 0.0,
+        "output_lengths": [64, 20],
         "quality": {"exact": 0.5},
         "speed": {"ar": {"float32": {"tokens_per_s": 10.0}}, "fastest_ar_dtype": "float32", "jacobi": {"16": jacobi}},
     }
 
 
-def test_markdown_reports_every_set_and_model(headline):
-    results = {
+def fake_results() -> dict:
+    return {
         "title": "test",
         "sets": {"json-extract": "json-extract:test"},
         "profile": "quick",
@@ -71,10 +72,27 @@ def test_markdown_reports_every_set_and_model(headline):
         "models": {"base": {"json-extract": fake_entry(1.1)}, "cllm": {"json-extract": fake_entry(1.4)}},
         "validation_curve": [(0, 1.1), (8, 1.4)],
     }
+
+
+def test_markdown_reports_every_set_and_model(headline):
+    results = fake_results()
     text = headline.markdown(results)
-    assert "| json-extract | base | 2 | 1.100 | exact 0.500 |" in text
+    assert "| json-extract | base | 2 | 1.100 | exact 0.500 | 0.000 | 0.500 |" in text  # 1 of 2 at max_new_tokens
     assert "| json-extract | cllm | 16 | 1.400 | 5.0 (float32) | 10.0 (float32) | 0.50x | 100% |" in text
     json.dumps(results)  # the report is plain JSON
+
+
+def test_report_without_timing_and_re_rendered_from_its_json(headline, tmp_path, monkeypatch):
+    results = fake_results()
+    for model in results["models"].values():
+        for entry in model.values():
+            entry.pop("speed")  # --speed-limit 0
+    text = headline.markdown(results)
+    assert "| json-extract | cllm | 2 | 1.400 |" in text and "## Speed" not in text
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    monkeypatch.setattr(sys, "argv", ["headline.py", "--report-only", "--output", str(tmp_path)])
+    headline.main()
+    assert (tmp_path / "results.md").read_text() == text
 
 
 def test_pass_cost_script_writes_one_row_per_dtype_and_block(tmp_path):
