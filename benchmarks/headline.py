@@ -54,6 +54,7 @@ SUITES = {
                 "--data.init_args.val_prompt_limit=4",
                 "--trainer.max_steps=8",
                 "--trainer.val_check_interval=8",
+                "--trainer.check_val_every_n_epoch=null",  # count val_check_interval in steps, across epochs
                 "--trainer.callbacks.init_args.num_prompts=8",
                 "--trainer.callbacks.init_args.max_new_tokens=48",
             ],
@@ -75,6 +76,7 @@ SUITES = {
                 "--data.init_args.val_prompt_limit=4",
                 "--trainer.max_steps=8",
                 "--trainer.val_check_interval=8",
+                "--trainer.check_val_every_n_epoch=null",  # count val_check_interval in steps, across epochs
                 "--trainer.callbacks.init_args.num_prompts=8",
             ],
         },

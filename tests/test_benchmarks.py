@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import importlib.util
 import json
 import os
@@ -105,3 +106,21 @@ def test_pass_cost_script_writes_one_row_per_dtype_and_block(tmp_path):
     assert [(r["dtype"], r["block"]) for r in rows] == [("float32", 1), ("float32", 4), ("float64", 1), ("float64", 4)]
     assert all(r["ms"] > 0 for r in rows) and rows[0]["x_one_token"] == 1.0
     assert "break-even acceptance" in done.stdout
+
+
+@pytest.mark.parametrize("suite", ["broad", "json"])
+def test_quick_profile_fit_runs_past_an_epoch(headline, suite, tmp_path, monkeypatch):
+    """A quick profile trains for more steps than its few trajectories make batches, with one validation at the last
+    step; its overrides must work when that step lies past the first epoch (on SmolLM2 the broad one had 7 batches
+    per epoch and val_check_interval 8, which Lightning refuses unless validation counts steps across epochs)."""
+    from cllm.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    overlays = [f"--config={overlay}" for overlay in headline.SUITES[suite]["overlays"]]
+    shrink = ["--data.init_args.prompt_limit=3", "--data.init_args.max_new_tokens=8", "--data.init_args.path=data"]
+    main(["fit", "--config", "tiny.yaml", *overlays, *headline.SUITES[suite]["quick"]["fit"], *shrink])
+    checkpoints = list((tmp_path / "runs").rglob("*step=8.ckpt"))
+    assert len(checkpoints) == 1 and not checkpoints[0].name.startswith("epoch=0")  # past the first epoch
+    with open(next((tmp_path / "runs").rglob("metrics.csv"))) as handle:
+        validated = [int(row["step"]) for row in csv.DictReader(handle) if row.get("val/accepted_tokens_per_step")]
+    assert validated[-1] == 7  # the validation after the 8th step (0-based step 7)
