@@ -7,6 +7,7 @@ from collections import Counter
 
 import pytest
 import torch
+from trainers import BatchRecorder, quiet_trainer
 
 from cllm.data_modules.records import Record, write_manifest, write_shard
 from cllm.data_modules.trajectory_data import TrajectoryDataModule, TrajectoryStream, collate, pick_states
@@ -183,85 +184,40 @@ def test_a_small_dataset_still_holds_out_one_prompt(tmp_path):
 
 
 def test_trainer_fit_sees_every_record_each_epoch_in_a_new_order(tmp_path):
-    from lightning.pytorch import LightningModule, Trainer
-
     make_dataset(tmp_path)
-
-    class Recorder(LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.weight = torch.nn.Parameter(torch.zeros(()))
-            self.orders: dict[int, list[int]] = {}
-
-        def training_step(self, batch, batch_idx):
-            self.orders.setdefault(self.current_epoch, []).extend(row[3] for row in batch["input_ids"].tolist())
-            return self.weight * 0.0 + (self.weight - 1) ** 2
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.1)
-
-    module = Recorder()
+    module = BatchRecorder(column=3)  # first state token = record number k
     dm = TrajectoryDataModule(str(tmp_path), "tiny", n=N, batch_size=4, val_fraction=0.0, even_batches=False)
-    trainer = Trainer(
-        max_epochs=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        accelerator="cpu",
-        default_root_dir=tmp_path,
-    )
-    trainer.fit(module, datamodule=dm)
-    assert sorted(module.orders[0]) == sorted(module.orders[1]) == list(range(21))
-    assert module.orders[0] != module.orders[1]
+    quiet_trainer(max_epochs=2, default_root_dir=tmp_path).fit(module, datamodule=dm)
+    orders = module.by_epoch
+    assert sorted(orders[0]) == sorted(orders[1]) == list(range(21))
+    assert orders[0] != orders[1]
 
 
 @pytest.mark.parametrize("workers, saved_by", [(0, "train step"), (2, "train step"), (0, "validation")])
 def test_resume_mid_epoch_trains_on_the_same_batches(tmp_path, workers, saved_by):
     """A run resumed from a mid-epoch checkpoint sees the batches an uninterrupted run sees, across an epoch end,
     whether the checkpoint was written after a training step or (as in the configs) after a validation."""
-    from lightning.pytorch import LightningModule, Trainer
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     make_dataset(tmp_path / "data")
 
-    class Recorder(LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.weight = torch.nn.Parameter(torch.zeros(()))
-            self.batches: dict[int, list[int]] = {}
-
-        def training_step(self, batch, batch_idx):
-            self.batches[self.global_step] = [row[3] for row in batch["input_ids"].tolist()]
-            return (self.weight - 1) ** 2
-
-        def validation_step(self, batch, batch_idx):
-            pass
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.1)
-
     def fit(steps: int, ckpt_path=None) -> tuple[dict[int, list[int]], int]:
-        module = Recorder()
+        module = BatchRecorder(column=3)
         dm = TrajectoryDataModule(
             str(tmp_path / "data"), "tiny", n=N, batch_size=4, val_fraction=0.3, num_workers=workers
         )
         by_step = saved_by == "train step"
-        trainer = Trainer(
+        trainer = quiet_trainer(
             max_steps=steps,
             callbacks=[ModelCheckpoint(tmp_path / "ckpt", every_n_train_steps=3 if by_step else None, save_top_k=-1)],
+            enable_checkpointing=True,
             val_check_interval=None if by_step else 3,
             check_val_every_n_epoch=1 if by_step else None,
             limit_val_batches=0 if by_step else 1,
-            logger=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            accelerator="cpu",
             default_root_dir=tmp_path,
         )
         trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
-        return module.batches, trainer.num_training_batches
+        return module.by_step, trainer.num_training_batches
 
     uninterrupted, per_epoch = fit(10)
     assert 3 < per_epoch < 10  # the checkpoint at step 3 is mid-epoch, and the runs cross an epoch end
@@ -294,7 +250,6 @@ def test_trajectories_of_another_model_with_the_same_tokenizer_train_and_log(tmp
     """Training a model (model.model) on trajectories collected by another one with the same tokenizer (data.model,
     e.g. a CLLM checkpoint trained further on the base model's trajectories) is not refused by Lightning's "same
     hparams key, different values" check; the logged `model` is the trained one."""
-    from lightning.pytorch import Trainer
     from lightning.pytorch.loggers import CSVLogger
 
     from cllm.module import CLLMModule
@@ -302,16 +257,6 @@ def test_trajectories_of_another_model_with_the_same_tokenizer_train_and_log(tmp
     make_dataset(tmp_path / "data")
     module = CLLMModule(model="tiny:seed=1")
     dm = TrajectoryDataModule(str(tmp_path / "data"), "tiny", n=N, batch_size=4, val_fraction=0.0)
-    logger = CSVLogger(tmp_path, name="logs")
-    trainer = Trainer(
-        max_steps=1,
-        logger=logger,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        accelerator="cpu",
-    )
-    trainer.fit(module, datamodule=dm)
+    quiet_trainer(max_steps=1, logger=CSVLogger(tmp_path, name="logs")).fit(module, datamodule=dm)
     logged = (tmp_path / "logs" / "version_0" / "hparams.yaml").read_text()
     assert "model: tiny:seed=1" in logged and "model: tiny\n" not in logged

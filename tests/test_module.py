@@ -7,6 +7,7 @@ import pytest
 import torch
 from fake_trajectories import FakeTrajectoryData
 from torch.utils.data import default_collate
+from trainers import quiet_trainer
 
 from cllm import losses
 from cllm.errors import UserError
@@ -92,22 +93,9 @@ class PoisonWeights(L.Callback):
                 pl_module.model.lm_head.weight[0, 0] = float("nan")
 
 
-def trainer(**kwargs) -> L.Trainer:
-    options = dict(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-    )
-    return L.Trainer(**{**options, **kwargs})
-
-
 def test_nan_loss_stops_the_run_naming_step_and_batch():
     module = CLLMModule(model="tiny", lr=1e-3)
-    run = trainer(max_steps=4, callbacks=[PoisonWeights(at_batch=2)])
+    run = quiet_trainer(max_steps=4, callbacks=[PoisonWeights(at_batch=2)])
     with pytest.raises(UserError, match=r"not finite \(value nan\) at global step 2, batch index 2"):
         run.fit(module, FakeTrajectoryData())
     assert run.global_step == 2
@@ -127,5 +115,5 @@ def test_trajectories_of_another_tokenizer_are_refused_before_training():
     data.tokenizer = other
     counter = CountSteps()
     with pytest.raises(UserError, match="tokenized with tokenizer .* but model.model 'tiny' has tokenizer"):
-        trainer(max_steps=2, callbacks=[counter]).fit(CLLMModule(model="tiny"), data)
+        quiet_trainer(max_steps=2, callbacks=[counter]).fit(CLLMModule(model="tiny"), data)
     assert CountSteps.steps == 0
