@@ -22,6 +22,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from cllm.errors import UserError
+from cllm.hardware import auto_dtype
 
 SMOLLM2_ALIAS = "smollm2-135m"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -39,11 +40,14 @@ def cache_root() -> Path:
     return Path(os.environ.get("CLLM_CACHE", Path.home() / ".cache" / "cllm"))
 
 
-def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device = "cpu") -> torch.dtype:
+    """A dtype name (or `auto`: the fastest on `device`, see `cllm.hardware`) as a torch dtype."""
     if isinstance(dtype, torch.dtype):
         return dtype
+    if dtype == "auto":
+        return auto_dtype(str(torch.device(device))).dtype
     if dtype not in DTYPES:
-        raise UserError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+        raise UserError(f"unknown dtype {dtype!r}; choose one of auto, {', '.join(DTYPES)}")
     return DTYPES[dtype]
 
 
@@ -65,7 +69,7 @@ def load_model(
     trust_remote_code: bool = False,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Return `(model, tokenizer)` for a model spec (see the module docstring), in eval mode on `device`."""
-    torch_dtype = resolve_dtype(dtype)
+    torch_dtype = resolve_dtype(dtype, device)
     attn = resolve_attn_implementation(attn_implementation)
     if spec == "tiny" or spec.startswith("tiny:"):
         model, tokenizer = build_tiny(spec, attn_implementation=attn)

@@ -1,0 +1,138 @@
+"""What the machine we run on is good at: the `auto` dtype, and the peak FLOP/s that MFU is measured against.
+
+`dtype: auto` resolves per device type, once per process:
+
+| device | auto |
+|---|---|
+| CUDA with bf16 support (Ampere and later) | bfloat16 |
+| CUDA without it (V100, T4) | float16 |
+| CPU with AMX or AVX-512-BF16, where a one-second probe finds a bf16 matmul faster than float32 | bfloat16 |
+| any other CPU (AVX2 only, ARM, or the probe finds bf16 slower) | float32 |
+
+The flags come from /proc/cpuinfo (Linux); elsewhere the CPU is treated as having none. The probe guards against a
+PyTorch build or a virtual machine that hides the fast path (bf16 matmuls are then 10-60x slower than float32).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("cllm")
+
+BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")  # the first one found names the reason
+RECORDED_CPU_FLAGS = ("amx_bf16", "avx512_bf16", "avx512f", "avx2")  # written beside every benchmark figure
+PROBE_SPEEDUP = 1.2  # bf16 must beat float32 by this factor: a near tie is not worth the rounding
+
+
+@dataclass(frozen=True)
+class DtypeChoice:
+    """The dtype `auto` picked and why (printed once, logged with the run's hyperparameters)."""
+
+    dtype: torch.dtype
+    reason: str
+
+    @property
+    def name(self) -> str:
+        return str(self.dtype).removeprefix("torch.")
+
+
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
+    """The CPU's feature flags (the first `flags` line of /proc/cpuinfo); empty where there is none."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            return frozenset(value.split())
+    return frozenset()
+
+
+def recorded_cpu_flags() -> list[str]:
+    """The flags that decide matmul speed, as written into benchmark JSON (e.g. ['avx2', 'avx512_bf16'])."""
+    return sorted(cpu_flags() & set(RECORDED_CPU_FLAGS))
+
+
+def bf16_probe(seconds: float = 1.0, size: int = 512) -> float:
+    """How many times faster a bf16 matmul runs than a float32 one here (> 1: bf16 is faster), in ~`seconds`.
+
+    The two dtypes are timed in alternation so that a neighbour's load on a shared machine hits both alike.
+    """
+    operands = {
+        dtype: (torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype))
+        for dtype in (torch.float32, torch.bfloat16)
+    }
+    spent = {dtype: 0.0 for dtype in operands}
+    count = {dtype: 0 for dtype in operands}
+    for a, b in operands.values():
+        a @ b  # warm-up: the first call pays for kernel selection
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline or min(count.values()) < 2:
+        for dtype, (a, b) in operands.items():
+            start = time.perf_counter()
+            a @ b
+            spent[dtype] += time.perf_counter() - start
+            count[dtype] += 1
+    per_call = {dtype: spent[dtype] / count[dtype] for dtype in operands}
+    return per_call[torch.float32] / per_call[torch.bfloat16]
+
+
+def cpu_auto_dtype(flags: frozenset[str], probe=bf16_probe) -> DtypeChoice:
+    """bfloat16 where the CPU has AMX/AVX-512-BF16 and the probe confirms it is faster, else float32."""
+    found = [flag for flag in BF16_CPU_FLAGS if flag in flags]
+    if not found:
+        return DtypeChoice(torch.float32, "CPU without amx_bf16/avx512_bf16: bf16 matmuls are slow here")
+    speedup = probe()
+    if speedup >= PROBE_SPEEDUP:
+        return DtypeChoice(torch.bfloat16, f"CPU with {found[0]}; probe: bf16 matmul {speedup:.1f}x float32's speed")
+    return DtypeChoice(
+        torch.float32, f"CPU with {found[0]}, but the probe found bf16 matmuls {speedup:.2f}x float32's speed"
+    )
+
+
+def cuda_auto_dtype(device: torch.device) -> DtypeChoice:
+    name = torch.cuda.get_device_name(device)
+    if torch.cuda.is_bf16_supported():
+        return DtypeChoice(torch.bfloat16, f"CUDA device {name} supports bf16")
+    return DtypeChoice(torch.float16, f"CUDA device {name} has no bf16 support: float16")
+
+
+@functools.cache
+def auto_dtype(device: str = "cpu") -> DtypeChoice:
+    """What `dtype: auto` means on `device` (`cpu`, `cuda`, `cuda:1`, ...): decided once per process and printed."""
+    target = torch.device(device)
+    if target.type == "cuda":
+        choice = cuda_auto_dtype(target)
+    elif target.type == "cpu":
+        choice = cpu_auto_dtype(cpu_flags(), bf16_probe)
+    else:
+        choice = DtypeChoice(torch.float32, f"device type {target.type!r}: float32")
+    message = f"dtype auto -> {choice.name} on {target.type} ({choice.reason})"
+    log.info(message)
+    print(message, flush=True)
+    return choice
+
+
+def autocast_precision(choice: DtypeChoice) -> str:
+    """The Lightning Trainer precision that trains float32 master weights at the auto dtype's compute speed."""
+    return {torch.bfloat16: "bf16-mixed", torch.float16: "16-mixed"}.get(choice.dtype, "32-true")
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
+    """Theoretical peak FLOP/s of one device at `dtype` (Lightning's table; CUDA only), None when unknown."""
+    if device.type != "cuda":
+        return None
+    from lightning.fabric.utilities.throughput import _CUDA_FLOPS, get_available_flops
+
+    if "h200" in torch.cuda.get_device_name(device).lower():
+        # H200 computes like an H100 SXM; Lightning's h200 entries are the with-sparsity figures (2x dense)
+        return float(_CUDA_FLOPS["h100 sxm"][dtype]) if dtype in _CUDA_FLOPS["h100 sxm"] else None
+    found = get_available_flops(device, dtype)
+    return float(found) if found else None

@@ -1,0 +1,94 @@
+"""`dtype: auto` for faked CPU flag sets and a faked CUDA device; peak FLOP/s lookup."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cllm import hardware
+from cllm.errors import UserError
+from cllm.models import resolve_dtype
+
+EPYC_AVX2 = "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n\nprocessor\t: 1\nflags\t\t: fpu sse2 avx avx2 fma\n"
+GENOA = "flags\t\t: fpu avx2 avx512f avx512_bf16 avx512_vnni\n"
+SAPPHIRE_RAPIDS = "flags\t\t: avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n"
+
+
+@pytest.fixture(autouse=True)
+def fresh_choice():
+    hardware.auto_dtype.cache_clear()
+    yield
+    hardware.auto_dtype.cache_clear()
+
+
+def flags_of(tmp_path, text: str) -> frozenset[str]:
+    path = tmp_path / "cpuinfo"
+    path.write_text(text)
+    return hardware.cpu_flags(path)
+
+
+def test_cpu_flags_reads_the_flags_line(tmp_path):
+    assert flags_of(tmp_path, GENOA) == {"fpu", "avx2", "avx512f", "avx512_bf16", "avx512_vnni"}
+    assert flags_of(tmp_path, "processor\t: 0\n") == frozenset()
+    assert hardware.cpu_flags(tmp_path / "missing") == frozenset()  # not Linux: no flags
+
+
+@pytest.mark.parametrize(
+    ("cpuinfo", "speedup", "expected", "reason_has"),
+    [
+        (EPYC_AVX2, 5.0, torch.float32, "without amx_bf16/avx512_bf16"),
+        (GENOA, 4.9, torch.bfloat16, "avx512_bf16; probe: bf16 matmul 4.9x"),
+        (SAPPHIRE_RAPIDS, 8.0, torch.bfloat16, "amx_bf16"),
+        (GENOA, 0.5, torch.float32, "probe found bf16 matmuls 0.50x"),  # flag present but the fast path is not
+        (GENOA, 1.1, torch.float32, "1.10x"),  # a near tie stays float32
+    ],
+)
+def test_cpu_auto_dtype(tmp_path, cpuinfo, speedup, expected, reason_has):
+    probed = []
+    choice = hardware.cpu_auto_dtype(flags_of(tmp_path, cpuinfo), probe=lambda: probed.append(1) or speedup)
+    assert choice.dtype == expected
+    assert reason_has in choice.reason
+    assert len(probed) == (0 if cpuinfo == EPYC_AVX2 else 1)  # no flag: no probe second spent
+
+
+def test_auto_dtype_on_faked_cpus_prints_the_choice(monkeypatch, tmp_path, capsys):
+    genoa, epyc = flags_of(tmp_path, GENOA), flags_of(tmp_path, EPYC_AVX2)
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: genoa)
+    monkeypatch.setattr(hardware, "bf16_probe", lambda: 3.0)
+    assert resolve_dtype("auto") == torch.bfloat16
+    assert "dtype auto -> bfloat16 on cpu (CPU with avx512_bf16" in capsys.readouterr().out
+    assert resolve_dtype("auto") == torch.bfloat16  # decided once per process: nothing printed again
+    assert capsys.readouterr().out == ""
+    hardware.auto_dtype.cache_clear()
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: epyc)
+    assert resolve_dtype("auto", "cpu") == torch.float32
+
+
+@pytest.mark.parametrize(("bf16", "expected"), [(True, torch.bfloat16), (False, torch.float16)])
+def test_auto_dtype_on_faked_cuda(monkeypatch, bf16, expected):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA Fake 9000")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: bf16)
+    choice = hardware.auto_dtype("cuda")
+    assert choice.dtype == expected and "NVIDIA Fake 9000" in choice.reason
+    assert hardware.autocast_precision(choice) == ("bf16-mixed" if bf16 else "16-mixed")
+
+
+def test_autocast_precision_of_float32_is_full_precision():
+    assert hardware.autocast_precision(hardware.DtypeChoice(torch.float32, "")) == "32-true"
+
+
+def test_unknown_dtype_names_auto():
+    with pytest.raises(UserError, match="choose one of auto, float32"):
+        resolve_dtype("bf16")
+
+
+def test_bf16_probe_returns_a_ratio():
+    assert hardware.bf16_probe(seconds=0.01, size=32) > 0
+
+
+def test_peak_flops(monkeypatch):
+    assert hardware.peak_flops(torch.device("cpu"), torch.bfloat16) is None
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    assert hardware.peak_flops(torch.device("cuda"), torch.bfloat16) == pytest.approx(989.4e12, rel=0.01)  # dense
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
+    assert hardware.peak_flops(torch.device("cuda"), torch.bfloat16) == pytest.approx(312e12, rel=0.01)
