@@ -14,7 +14,6 @@ Trainer precision `32-true`), which halves the all-gather traffic on GPUs.
 from __future__ import annotations
 
 import math
-import time
 
 import torch
 from lightning.pytorch import LightningModule
@@ -92,7 +91,6 @@ class CLLMModule(LightningModule):
         self.model = None
         self.tokenizer = None
         self.n = n
-        self._last_step_time: float | None = None
 
     # ---------------------------------------------------------------- model
     def configure_model(self) -> None:
@@ -292,12 +290,6 @@ class CLLMModule(LightningModule):
         for name, value in parts.items():
             self.log(f"train/{name}", value, prog_bar=name == "loss", sync_dist=True, batch_size=rows)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=rows)
-        now = time.perf_counter()
-        if self._last_step_time is not None:
-            # real tokens in the student input, all ranks; the interval covers data loading, forward, backward, step
-            tokens = real_tokens(batch, self.n) * self.trainer.world_size
-            self.log("train/tokens_per_s", tokens / max(now - self._last_step_time, 1e-9), batch_size=rows)
-        self._last_step_time = now
         return parts["loss"]
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
