@@ -9,6 +9,7 @@ import torch
 from test_data_module import N, make_dataset
 
 from cllm import losses
+from cllm.callbacks.throughput import ThroughputCallback
 from cllm.data_modules.records import Record
 from cllm.data_modules.trajectory_data import TrajectoryDataModule, collate, collate_packed, pick_states
 from cllm.errors import UserError
@@ -167,6 +168,7 @@ def test_fit_on_packed_batches(tmp_path):
     make_dataset(tmp_path)
     dm = TrajectoryDataModule(str(tmp_path), "tiny", n=N, batch_size=4, state_strategy="pack", val_fraction=0.0)
     options = {"logger": False, "enable_checkpointing": False, "enable_progress_bar": False}
+    options["callbacks"] = [ThroughputCallback()]  # tokens/s counts the packed rows' real tokens
     trainer = Trainer(max_steps=3, accelerator="cpu", limit_val_batches=0, default_root_dir=tmp_path, **options)
     trainer.fit(CLLMModule(model="tiny", lr=1e-3), datamodule=dm)
     assert trainer.global_step == 3
