@@ -13,21 +13,56 @@ Both are the same function here; only the target logits (from ctx + y* or from c
 
 Packed rows (`ctx + y* + s_1 + ... + s_k`, each segment seeing ctx and itself only, positions restarting at
 len(ctx)) hold the AR input and k student inputs of one record: `packed_consistency_loss` scores them all.
+
+Logits are read only through `take`, so every loss takes either full [B, L, V] logits or a `LogitTable` holding
+them at the positions it reads (`cllm.logit_table`); the float32 log-softmaxes run in chunks of `CHUNK` positions,
+each recomputed in backward, so at most one chunk's float32 copies are alive at a time.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 DIVERGENCES = ("forward_kl", "soft_ce", "reverse_kl")
+CHUNK = 4096  # positions per float32 log-softmax chunk
 
 
-def block_logits(logits: torch.Tensor, block_start: torch.Tensor, n: int) -> torch.Tensor:
-    """The logits that predict the n block tokens of each row, [B, n, V] (taken at block_start - 1 + i)."""
-    positions = block_start.to(logits.device)[:, None] - 1 + torch.arange(n, device=logits.device)
-    index = positions[:, :, None].expand(-1, -1, logits.shape[-1])
-    return logits.gather(1, index)
+def take(logits, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """logits[rows, positions] -> [..., V], from full [B, L, V] logits or a `cllm.logit_table.LogitTable`."""
+    return logits[rows, positions] if isinstance(logits, torch.Tensor) else logits.take(rows, positions)
+
+
+def graph_zero(logits) -> torch.Tensor:
+    """A 0 that keeps the logits' graph (a loss with nothing to score must not break backward)."""
+    return (logits if isinstance(logits, torch.Tensor) else logits.logits).sum() * 0.0
+
+
+def over_chunks(fn: Callable[..., torch.Tensor], *tensors: torch.Tensor, chunk: int = CHUNK) -> torch.Tensor:
+    """cat(fn(*pieces)) over chunks of `chunk` rows of the tensors; under grad each chunk is recomputed in backward."""
+    count = tensors[0].shape[0]
+    if count <= chunk:
+        return fn(*tensors)
+    recompute = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    parts = []
+    for start in range(0, count, chunk):
+        pieces = [t[start : start + chunk] for t in tensors]
+        parts.append(checkpoint(fn, *pieces, use_reentrant=False) if recompute else fn(*pieces))
+    return torch.cat(parts)
+
+
+def block_positions(block_start: torch.Tensor, n: int) -> torch.Tensor:
+    """[B, n] logit positions that predict the n block tokens of each row: block_start - 1 + i."""
+    return block_start[:, None] - 1 + torch.arange(n, device=block_start.device)
+
+
+def block_logits(logits, block_start: torch.Tensor, n: int) -> torch.Tensor:
+    """The logits that predict the n block tokens of each row, [B, n, V]."""
+    positions = block_positions(block_start, n)
+    return take(logits, torch.arange(positions.shape[0], device=positions.device)[:, None], positions)
 
 
 def at_least_float32(logits: torch.Tensor) -> torch.Tensor:
@@ -42,6 +77,12 @@ def divergence(target_logits: torch.Tensor, student_logits: torch.Tensor, kind: 
     soft_ce:     -Σ_v p_t log p_s          (= forward KL + entropy of the target; same gradient in θ)
     reverse_kl:  Σ_v p_s (log p_s - log p_t)
     """
+    shape, vocabulary = target_logits.shape[:-1], target_logits.shape[-1]
+    flat_target, flat_student = target_logits.reshape(-1, vocabulary), student_logits.reshape(-1, vocabulary)
+    return over_chunks(lambda t, s: _divergence(t, s, kind), flat_target, flat_student).reshape(shape)
+
+
+def _divergence(target_logits: torch.Tensor, student_logits: torch.Tensor, kind: str) -> torch.Tensor:
     log_target = F.log_softmax(at_least_float32(target_logits), dim=-1)
     log_student = F.log_softmax(at_least_float32(student_logits), dim=-1)
     if kind == "forward_kl":
@@ -160,7 +201,7 @@ def packed_consistency_loss(
         mask_before_mismatch: keep only block positions whose input prefix differs from y*'s.
     """
     rows, token_positions, logit_positions = packed_segments(block_start, segment_starts, n)
-    student = logits[rows[:, None], logit_positions]  # [S, n, V]
+    student = take(logits, rows[:, None], logit_positions)  # [S, n, V]
     target = block_logits(logits, block_start, n)[rows]
     if not mask_before_mismatch:
         return mean_block_divergence(student, target, kind)
@@ -175,7 +216,7 @@ def _block_ids(ids: torch.Tensor, block_start: torch.Tensor, n: int) -> torch.Te
 
 
 def ar_loss(
-    logits: torch.Tensor,
+    logits,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     *,
@@ -187,20 +228,44 @@ def ar_loss(
     Targets are the tokens 1..L-1 of each row where the attention mask is 1, excluding the first
     `prompt_length` tokens when it is given (prompt masked); ε = label_smoothing.
     """
+    return labels_nll(logits, ar_labels(input_ids, attention_mask, prompt_length), label_smoothing=label_smoothing)
+
+
+def ar_labels(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_length: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The AR targets of `ar_loss`: input_ids, -100 where the mask is 0 and, given `prompt_length`, on the prompt."""
     labels = input_ids.masked_fill(attention_mask == 0, -100)
     if prompt_length is not None:
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
         labels = labels.masked_fill(positions[None, :] < prompt_length.to(input_ids.device)[:, None], -100)
-    return labels_nll(logits, labels, label_smoothing=label_smoothing)
+    return labels
 
 
-def labels_nll(logits: torch.Tensor, labels: torch.Tensor, *, label_smoothing: float = 0.0) -> torch.Tensor:
+def scored_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(rows [T], logit positions [T], targets [T]) of shifted labels: the logit at t predicts labels[t + 1] != -100."""
+    rows, positions = (labels[:, 1:] != -100).nonzero(as_tuple=True)
+    return rows, positions, labels[rows, positions + 1]
+
+
+def labels_nll(logits, labels: torch.Tensor, *, label_smoothing: float = 0.0) -> torch.Tensor:
     """Shifted token NLL (ignore index -100): the logit at t is scored against labels[t + 1]."""
-    shifted_logits = at_least_float32(logits[:, :-1]).reshape(-1, logits.shape[-1])
-    shifted_labels = labels[:, 1:].reshape(-1)
-    if (shifted_labels != -100).sum() == 0:
-        return logits.sum() * 0.0  # nothing to score (keeps the graph, no NaN)
-    return F.cross_entropy(shifted_logits, shifted_labels, ignore_index=-100, label_smoothing=label_smoothing)
+    rows, positions, targets = scored_positions(labels)
+    if targets.numel() == 0:
+        return graph_zero(logits)  # nothing to score (keeps the graph, no NaN)
+    return token_nll(take(logits, rows, positions), targets, label_smoothing=label_smoothing)
+
+
+def token_nll(logits: torch.Tensor, targets: torch.Tensor, *, label_smoothing: float = 0.0) -> torch.Tensor:
+    """mean_t -[(1-ε) log p(targets_t) + ε/V Σ_v log p(v)] of [T, V] logits, in float32 chunks."""
+
+    def per_token(chunk_logits: torch.Tensor, chunk_targets: torch.Tensor) -> torch.Tensor:
+        smoothing = label_smoothing
+        return F.cross_entropy(
+            at_least_float32(chunk_logits), chunk_targets, label_smoothing=smoothing, reduction="none"
+        )
+
+    return over_chunks(per_token, logits, targets).sum() / targets.numel()
 
 
 def total_loss(

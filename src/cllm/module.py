@@ -20,6 +20,7 @@ from lightning.pytorch import LightningModule
 
 from cllm import losses
 from cllm.errors import UserError
+from cllm.logit_table import needed_positions, sliced_forward
 from cllm.models import load_model, resolve_dtype, shard_fsdp2, tokenizer_fingerprint
 
 CONSISTENCY_KINDS = ("global", "local")
@@ -51,6 +52,7 @@ class CLLMModule(LightningModule):
         gradient_clip: clip the global gradient norm to this value (None: only measure it).
         activation_checkpointing: recompute each decoder layer in backward (memory for compute).
         fsdp_param_dtype: under FSDP2, the dtype of all-gathered parameters and compute (e.g. bfloat16).
+        sliced_logits: run the LM head only at the positions the losses read (`cllm.logit_table`); same losses.
     """
 
     def __init__(
@@ -75,6 +77,7 @@ class CLLMModule(LightningModule):
         gradient_clip: float | None = 1.0,
         activation_checkpointing: bool = False,
         fsdp_param_dtype: str | None = None,
+        sliced_logits: bool = True,
     ) -> None:
         super().__init__()
         if consistency not in CONSISTENCY_KINDS:
@@ -155,6 +158,19 @@ class CLLMModule(LightningModule):
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
         ).logits
 
+    def logits(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        *,
+        reads: list[tuple[torch.Tensor, torch.Tensor]],
+    ):
+        """Logits of a batch for the losses: a `LogitTable` at the (rows, positions) they `reads`, or, without
+        `sliced_logits`, all of them [B, L, V]."""
+        needed = needed_positions(input_ids.shape, *reads) if self.hparams.sliced_logits else None
+        return sliced_forward(lambda: self(input_ids, attention_mask, position_ids), self.model, needed)
+
     def _custom_attention_mask(self, may_attend: torch.Tensor) -> torch.Tensor:
         """The 4D mask in the form the attention takes it: boolean for sdpa, additive (0 / -inf) for eager."""
         implementation = self.model.config._attn_implementation
@@ -193,8 +209,20 @@ class CLLMModule(LightningModule):
         grad_inputs = ([batch["input_ids"]] if use_consistency else []) + (
             [batch["fixed_point_ids"]] if need_fixed_point else []
         )
-        logits = self(torch.cat(grad_inputs), torch.cat([mask] * len(grad_inputs))) if grad_inputs else None
         rows = mask.shape[0]
+        prompt_length = batch["prompt_length"] if hp.ar_mask_prompt else None
+        blocks = block_reads(batch["block_start"], self.n)
+        reads = [blocks] if use_consistency else []  # student rows first, then the fixed-point rows
+        if need_fixed_point:
+            offset = rows if use_consistency else 0
+            if use_consistency and hp.consistency == "global":
+                reads.append((blocks[0] + offset, blocks[1]))
+            if ar_on_fixed_point:
+                ar_rows, ar_positions = ar_reads(batch["fixed_point_ids"], mask, prompt_length)
+                reads.append((ar_rows + offset, ar_positions))
+        logits = None
+        if grad_inputs:
+            logits = self.logits(torch.cat(grad_inputs), torch.cat([mask] * len(grad_inputs)), reads=reads)
         student_logits = logits[:rows] if use_consistency else None
         fixed_point_logits = logits[-rows:] if need_fixed_point else None
 
@@ -206,7 +234,7 @@ class CLLMModule(LightningModule):
                 if "next_state_ids" not in batch:
                     raise UserError("model.consistency=local needs next_state_ids: set data.init_args.next_state=true")
                 with torch.no_grad():
-                    target_logits = self(batch["next_state_ids"], mask)
+                    target_logits = self.logits(batch["next_state_ids"], mask, reads=[blocks])
                 target_ids = batch["next_state_ids"]
             consistency = losses.consistency_loss(
                 student_logits,
@@ -220,7 +248,6 @@ class CLLMModule(LightningModule):
             )
 
         ar = zero
-        prompt_length = batch["prompt_length"] if hp.ar_mask_prompt else None
         if ar_on_fixed_point:
             ar = losses.ar_loss(
                 fixed_point_logits,
@@ -233,11 +260,14 @@ class CLLMModule(LightningModule):
             if "labels_ids" not in batch:
                 raise UserError("model.ar_target=labels needs labels_ids: set data.init_args.use_labels=true")
             labels, labels_mask = batch["labels_ids"], batch["labels_attention_mask"]
-            label_logits = self(labels.clamp(min=0), labels_mask)  # -100 padding is masked; clamp keeps ids valid
+            labels_scored = labels_mask * (labels != -100)
+            label_reads = [ar_reads(labels.clamp(min=0), labels_scored, prompt_length)]
+            # -100 padding is masked; clamp keeps ids valid
+            label_logits = self.logits(labels.clamp(min=0), labels_mask, reads=label_reads)
             ar = losses.ar_loss(
                 label_logits,
                 labels.clamp(min=0),
-                labels_mask * (labels != -100),
+                labels_scored,
                 prompt_length=prompt_length,
                 label_smoothing=hp.label_smoothing,
             )
@@ -258,7 +288,16 @@ class CLLMModule(LightningModule):
         if use_ar and hp.ar_target != "fixed_point":
             raise UserError(f"{packed} model.ar_target=fixed_point only, not {hp.ar_target!r}")
         ids = batch["input_ids"]
-        logits = self(ids, batch["attention_mask"], batch["position_ids"])
+        prompt_length = batch["prompt_length"] if hp.ar_mask_prompt else None
+        reads = []
+        if use_consistency:
+            segment_rows, _, logit_positions = losses.packed_segments(
+                batch["block_start"], batch["segment_starts"], self.n
+            )
+            reads += [block_reads(batch["block_start"], self.n), (segment_rows[:, None], logit_positions)]
+        if use_ar:
+            reads.append(ar_reads(ids, batch["fixed_point_mask"], prompt_length))
+        logits = self.logits(ids, batch["attention_mask"], batch["position_ids"], reads=reads)
         zero = ids.new_zeros((), dtype=torch.float32)
         consistency = zero
         if use_consistency:
@@ -277,7 +316,7 @@ class CLLMModule(LightningModule):
                 logits,
                 ids,
                 batch["fixed_point_mask"],  # the ctx + y* segment only: the unpacked AR row
-                prompt_length=batch["prompt_length"] if hp.ar_mask_prompt else None,
+                prompt_length=prompt_length,
                 label_smoothing=hp.label_smoothing,
             )
         total = losses.total_loss(consistency, ar, consistency_weight=hp.consistency_weight, ar_weight=hp.ar_weight)
@@ -332,6 +371,21 @@ class CLLMModule(LightningModule):
             optimizer, lambda step: warmup_cosine(step, int(total), hp.warmup_ratio, hp.min_lr_ratio)
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def block_reads(block_start: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows [B, 1], positions [B, n]) of the logits that predict each row's block (`losses.block_logits`)."""
+    return torch.arange(block_start.shape[0], device=block_start.device)[:, None], losses.block_positions(
+        block_start, n
+    )
+
+
+def ar_reads(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_length: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows [T], positions [T]) of the logits `losses.ar_loss` scores."""
+    rows, positions, _ = losses.scored_positions(losses.ar_labels(input_ids, attention_mask, prompt_length))
+    return rows, positions
 
 
 def real_tokens(batch: dict[str, torch.Tensor], n: int) -> int:
