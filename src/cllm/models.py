@@ -102,6 +102,14 @@ def load_tokenizer(spec: str, trust_remote_code: bool = False) -> PreTrainedToke
     return tokenizer
 
 
+def local_folder(spec: str) -> str | None:
+    """The local Hugging Face folder a spec loads from (a GGUF converted once), None for `tiny` and hub ids."""
+    if spec == "tiny" or spec.startswith("tiny:"):
+        return None
+    folder = _local_folder(spec)
+    return folder if Path(folder).is_dir() else None
+
+
 def _local_folder(spec: str) -> str:
     """Map aliases and .gguf files to a local folder; other specs pass through (folder or hub id)."""
     if spec == SMOLLM2_ALIAS:

@@ -21,7 +21,15 @@ from lightning.pytorch import LightningModule
 from cllm import losses
 from cllm.errors import UserError
 from cllm.logit_table import needed_positions, sliced_forward
-from cllm.models import load_model, resolve_dtype, shard_fsdp2, tokenizer_fingerprint
+from cllm.models import (
+    load_model,
+    load_tokenizer,
+    local_folder,
+    resolve_attn_implementation,
+    resolve_dtype,
+    shard_fsdp2,
+    tokenizer_fingerprint,
+)
 
 CONSISTENCY_KINDS = ("global", "local")
 AR_TARGETS = ("fixed_point", "labels")
@@ -53,6 +61,9 @@ class CLLMModule(LightningModule):
         activation_checkpointing: recompute each decoder layer in backward (memory for compute).
         fsdp_param_dtype: under FSDP2, the dtype of all-gathered parameters and compute (e.g. bfloat16).
         sliced_logits: run the LM head only at the positions the losses read (`cllm.logit_table`); same losses.
+        meta_init: under FSDP2, build the model on the meta device, shard it, and let each rank read only its
+            shards from the safetensors (`cllm.sharded_load`): no rank holds the whole model. Model folders and
+            `.gguf` specs only; `tiny` and hub ids load whole, then shard.
     """
 
     def __init__(
@@ -78,6 +89,7 @@ class CLLMModule(LightningModule):
         activation_checkpointing: bool = False,
         fsdp_param_dtype: str | None = None,
         sliced_logits: bool = True,
+        meta_init: bool = True,
     ) -> None:
         super().__init__()
         if consistency not in CONSISTENCY_KINDS:
@@ -100,30 +112,48 @@ class CLLMModule(LightningModule):
         if self.model is not None:  # called again for validate/test after fit, or after a restore
             return
         hp = self.hparams
+        mesh = getattr(self, "_device_mesh", None)
+        if mesh is not None and hp.meta_init and local_folder(hp.model) is not None:
+            self._configure_sharded(mesh)
+            return
         model, tokenizer = load_model(hp.model, dtype=hp.dtype, attn_implementation=hp.attn_implementation)
         self._check_tokenizer(tokenizer)
-        model.config.use_cache = False  # training never needs the KV cache; saves memory
-        model.train()  # load_model returns eval mode; Lightning keeps submodule modes as they are
-        if hp.activation_checkpointing:
-            # Non-reentrant checkpointing composes with FSDP2 (the all-gather is redone inside the recompute).
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        mesh = getattr(self, "_device_mesh", None)
+        self._prepare_for_training(model)
         if mesh is not None:
-            if "tensor_parallel" in mesh.mesh_dim_names and mesh["tensor_parallel"].size() > 1:
-                raise UserError(
-                    "tensor parallelism is not supported: set trainer.strategy.init_args.tensor_parallel_size=1 and "
-                    "data_parallel_size to the number of processes"
-                )
-            policy = None
-            if hp.fsdp_param_dtype is not None:
-                from torch.distributed.fsdp import MixedPrecisionPolicy
-
-                policy = MixedPrecisionPolicy(
-                    param_dtype=resolve_dtype(hp.fsdp_param_dtype), reduce_dtype=torch.float32
-                )
-            shard_fsdp2(model, mesh["data_parallel"], mp_policy=policy)
+            shard_fsdp2(model, data_parallel_mesh(mesh), mp_policy=self._fsdp_policy())
         self.model = model
         self.tokenizer = tokenizer
+
+    def _configure_sharded(self, mesh) -> None:
+        """Meta-device init: build on meta, shard, each rank reads its shards (`cllm.sharded_load`)."""
+        from cllm.sharded_load import load_sharded
+
+        hp = self.hparams
+        tokenizer = load_tokenizer(hp.model)
+        self._check_tokenizer(tokenizer)
+        folder = local_folder(hp.model)
+        attn = resolve_attn_implementation(hp.attn_implementation)
+        mesh, dtype = data_parallel_mesh(mesh), resolve_dtype(hp.dtype, self.device)
+        model = load_sharded(folder, mesh, attn_implementation=attn, dtype=dtype, mp_policy=self._fsdp_policy())
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        self._prepare_for_training(model)
+        self.model, self.tokenizer = model, tokenizer
+
+    def _prepare_for_training(self, model) -> None:
+        model.config.use_cache = False  # training never needs the KV cache; saves memory
+        model.train()  # load_model returns eval mode; Lightning keeps submodule modes as they are
+        if self.hparams.activation_checkpointing:
+            # Non-reentrant checkpointing composes with FSDP2 (the all-gather is redone inside the recompute).
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    def _fsdp_policy(self):
+        """FSDP2's MixedPrecisionPolicy for `fsdp_param_dtype` (None: compute in the master dtype)."""
+        if self.hparams.fsdp_param_dtype is None:
+            return None
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        param_dtype = resolve_dtype(self.hparams.fsdp_param_dtype, self.device)
+        return MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
 
     def _check_tokenizer(self, tokenizer) -> None:
         """Refuse trajectories tokenized by another tokenizer: their ids would mean different text."""
@@ -371,6 +401,16 @@ class CLLMModule(LightningModule):
             optimizer, lambda step: warmup_cosine(step, int(total), hp.warmup_ratio, hp.min_lr_ratio)
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def data_parallel_mesh(mesh):
+    """The data-parallel mesh of ModelParallelStrategy's 2D mesh; tensor parallelism is refused."""
+    if "tensor_parallel" in mesh.mesh_dim_names and mesh["tensor_parallel"].size() > 1:
+        raise UserError(
+            "tensor parallelism is not supported: set trainer.strategy.init_args.tensor_parallel_size=1 and "
+            "data_parallel_size to the number of processes"
+        )
+    return mesh["data_parallel"]
 
 
 def block_reads(block_start: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:

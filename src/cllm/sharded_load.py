@@ -1,0 +1,96 @@
+"""Meta-device init for FSDP2: no rank ever holds the whole model.
+
+    build on the meta device -> fully_shard (each decoder layer, then the root) -> allocate each rank's shards ->
+    each rank reads only its rows of every weight from the safetensors files (memory-mapped slices)
+
+FSDP2 shards every parameter along dim 0 in `torch.chunk` pieces: rank r of w holds rows [r c, (r + 1) c) with
+c = ceil(rows / w). Buffers that are not weights (rotary frequencies) are built for real on the CPU (only the
+parameters go to the meta device) and kept. Works for any Hugging Face folder of safetensors (one file or an
+index) and so for the GGUF-converted cache of `smollm2-135m`; export still gathers the full model only at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+from cllm.errors import UserError
+from cllm.models import shard_fsdp2
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+
+
+def weight_files(folder: Path) -> dict[str, Path]:
+    """Checkpoint key -> the safetensors file holding it (one file, or the index of a sharded checkpoint)."""
+    if (folder / INDEX).is_file():
+        weight_map = json.loads((folder / INDEX).read_text())["weight_map"]
+        return {key: folder / name for key, name in weight_map.items()}
+    if (folder / SINGLE).is_file():
+        with safe_open(folder / SINGLE, "pt") as handle:
+            return {key: folder / SINGLE for key in handle.keys()}
+    raise UserError(f"{folder} has no {SINGLE} or {INDEX}: meta-device loading reads safetensors only")
+
+
+def local_rows(rows: int, rank: int, world: int) -> tuple[int, int]:
+    """The [start, stop) rows of dim 0 that FSDP2 gives `rank` of `world` (torch.chunk pieces)."""
+    chunk = math.ceil(rows / world)
+    start = min(rank * chunk, rows)
+    return start, min(start + chunk, rows)
+
+
+def build_on_meta(folder: Path, attn_implementation: str, dtype: torch.dtype) -> PreTrainedModel:
+    """The model of `folder`'s config with parameters on the meta device and real (CPU) buffers."""
+    from accelerate import init_empty_weights
+
+    config = AutoConfig.from_pretrained(folder)
+    with init_empty_weights(include_buffers=False):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+
+
+@torch.no_grad()
+def load_local_shards(model: torch.nn.Module, folder: Path, rank: int, world: int) -> None:
+    """Fill each (FSDP2-sharded, allocated) parameter's local shard with its rows read from the safetensors."""
+    files = weight_files(folder)
+    handles: dict[Path, object] = {}
+    try:
+        for name, parameter in model.named_parameters():  # a tied weight is listed once, under its first name
+            if name not in files:
+                raise UserError(f"{folder}: weight {name!r} is not in the checkpoint; cannot load it sharded")
+            if files[name] not in handles:
+                handles[files[name]] = safe_open(files[name], "pt", device="cpu")
+            local = parameter.to_local() if hasattr(parameter, "to_local") else parameter
+            whole = handles[files[name]].get_slice(name)
+            start, stop = local_rows(whole.get_shape()[0], rank, world) if local is not parameter else (0, None)
+            rows = whole[start:stop]
+            if tuple(rows.shape) != tuple(local.shape):
+                raise UserError(f"{folder}: weight {name!r} has shape {whole.get_shape()}, the model expects another")
+            local.copy_(rows)
+    finally:
+        handles.clear()
+
+
+def load_sharded(
+    folder: str | Path,
+    mesh,
+    *,
+    attn_implementation: str = "sdpa",
+    dtype: torch.dtype = torch.float32,
+    mp_policy=None,
+) -> PreTrainedModel:
+    """Build `folder`'s model on meta, shard it with FSDP2 over `mesh` and load each rank's shards in `dtype`."""
+    folder = Path(folder)
+    model = build_on_meta(folder, attn_implementation, dtype)
+    buffers = {name: buffer.clone() for name, buffer in model.named_buffers()}
+    shard_fsdp2(model, mesh, mp_policy=mp_policy)
+    device = torch.device(mesh.device_type, torch.cuda.current_device()) if mesh.device_type == "cuda" else "cpu"
+    model.to_empty(device=device)
+    for name, buffer in model.named_buffers():  # to_empty left them uninitialised
+        buffer.copy_(buffers[name])
+    load_local_shards(model, folder, mesh.get_local_rank(), mesh.size())
+    return model
