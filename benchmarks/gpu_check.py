@@ -1,0 +1,195 @@
+"""One script for a lent GPU (< 10 minutes): what our code does on it, as one JSON.
+
+    python benchmarks/gpu_check.py                     # on a CUDA machine; writes docs/results/gpu_check.json
+    python benchmarks/gpu_check.py --dry-run-cpu       # the same code at tiny shapes on the CPU (tests)
+
+Sections (each records its error instead of stopping the others):
+1. flash_attn: the import, and one bf16 forward with attn_implementation=flash_attention_2 against sdpa;
+2. pass_cost: ms per decode pass at the llama7b shape in bf16 for blocks 1..32 after a 256-token cache
+   (`benchmarks/pass_cost.py`);
+3. train_step: FSDP2 (one process, world size 1; bf16 MixedPrecisionPolicy over float32 master weights, AdamW,
+   activation checkpointing) training steps at a 1B and a 7B Llama shape with random weights: tokens/s and MFU
+   (`cllm.callbacks.throughput` FLOP count over `cllm.hardware.peak_flops`);
+4. jacobi: SmolLM2-135M greedy AR vs Jacobi in bf16, eager and torch.compile'd: accepted tokens per step (TPF) and
+   tokens/s (`cllm.bench.compare`).
+Without CUDA (and without --dry-run-cpu) it refuses in one line and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+SHAPES = {  # Llama shapes with random weights (vocab 32000)
+    "1b": {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22, "num_attention_heads": 32},
+    "7b": {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32},
+    "tiny": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4},
+}
+
+
+def llama(shape: str, device: str, dtype: torch.dtype, attn: str = "sdpa", layers: int | None = None):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    options = {**SHAPES[shape], "vocab_size": 32000 if shape != "tiny" else 259}
+    if layers is not None:
+        options["num_hidden_layers"] = layers
+    config = LlamaConfig(**options, max_position_embeddings=4096, attn_implementation=attn)
+    with torch.device(device):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def flash_attn_check(device: str) -> dict:
+    import flash_attn  # noqa: F401  (the import is the first check)
+
+    model = llama("1b", device, torch.bfloat16, attn="flash_attention_2", layers=2).eval()
+    ids = torch.randint(0, 32000, (2, 512), device=device)
+    with torch.no_grad():
+        flash = model(input_ids=ids).logits.float()
+        model.config._attn_implementation = "sdpa"
+        sdpa = model(input_ids=ids).logits.float()
+    return {"version": flash_attn.__version__, "max_abs_diff_vs_sdpa": float((flash - sdpa).abs().max())}
+
+
+def pass_cost_check(device: str, shape: str, layers: int | None, repeats: int) -> dict:
+    sys.path.insert(0, str(Path(__file__).parent))
+    from pass_cost import pass_seconds
+
+    model = llama(shape, device, torch.bfloat16, layers=layers).eval()
+    one = pass_seconds(model, 256, 1, repeats, device)
+    rows = [{"block": 1, "ms": one * 1e3, "x_one_token": 1.0}]
+    for block in (4, 8, 16, 32):
+        seconds = pass_seconds(model, 256, block, repeats, device)
+        rows.append({"block": block, "ms": seconds * 1e3, "x_one_token": seconds / one})
+    return {"shape": shape, "layers": model.config.num_hidden_layers, "dtype": "bfloat16", "rows": rows}
+
+
+def train_step_check(device: str, shape: str, rows: int, length: int, steps: int, layers: int | None = None) -> dict:
+    """FSDP2 on one process: steps on random tokens, tokens/s and MFU of the median step."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    from cllm.callbacks.throughput import matmul_parameters, step_flops
+    from cllm.hardware import peak_flops
+    from cllm.models import shard_fsdp2
+
+    if not dist.is_initialized():
+        store = tempfile.NamedTemporaryFile(delete=False).name
+        backend = "nccl" if device == "cuda" else "gloo"
+        dist.init_process_group(backend, init_method=f"file://{store}", rank=0, world_size=1)
+    model = llama(shape, device, torch.float32, layers=layers)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    shard_fsdp2(model, init_device_mesh(device, (1,)), mp_policy=policy)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device == "cuda")
+    ids = torch.randint(0, model.config.vocab_size, (rows, length), device=device)
+    times = []
+    for _ in range(steps + 1):  # the first step is a warm-up
+        synchronize(device)
+        start = time.perf_counter()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    seconds = sorted(times[1:])[len(times[1:]) // 2]
+    counts = {"grad_tokens": rows * length, "no_grad_tokens": 0, "grad_squares": rows * length**2, "no_grad_squares": 0}
+    flops = step_flops(matmul_parameters(model), model.config.num_hidden_layers, model.config.hidden_size, counts)
+    peak = peak_flops(torch.device(device), torch.bfloat16)
+    result = {"shape": shape, "layers": model.config.num_hidden_layers, "rows": rows, "length": length}
+    result.update(seconds=seconds, tokens_per_s=rows * length / seconds, flops=flops, peak_flops=peak)
+    result["mfu"] = flops / seconds / peak if peak else None
+    if device == "cuda":
+        result["max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    del model, optimizer
+    return result
+
+
+def jacobi_check(device: str, spec: str, prompts: int, n: int, max_new_tokens: int, compiled: bool) -> dict:
+    from cllm.bench import compare
+    from cllm.data_modules.prompts import encode_prompts, load_prompts
+    from cllm.models import load_model
+
+    model, tokenizer = load_model(spec, dtype="bfloat16", device=device)
+    if compiled:
+        model.forward = torch.compile(model.forward, dynamic=True)
+    chat = getattr(tokenizer, "chat_template", None) is not None
+    prompt_ids = encode_prompts(tokenizer, load_prompts("stdlib-code:validation", limit=prompts), chat_template=chat)
+    result = compare(model, tokenizer, prompt_ids, n=n, max_new_tokens=max_new_tokens, batch_size=1)
+    figures = {"ar_tokens_per_s": result["ar"]["tokens_per_s"], "jacobi_tokens_per_s": result["jacobi"]["tokens_per_s"]}
+    figures["accepted_tokens_per_step"] = result["jacobi"]["accepted_tokens_per_step"]
+    return {"model": spec, "compiled": compiled, "n": n, "prompts": prompts, **figures}
+
+
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def sections(dry_run: bool) -> dict:
+    """name -> a call producing that section's figures; the dry run shrinks every shape to run on a CPU in seconds."""
+    device = "cpu" if dry_run else "cuda"
+    if dry_run:
+        return {
+            "pass_cost": lambda: pass_cost_check(device, "tiny", None, repeats=1),
+            "train_step_tiny": lambda: train_step_check(device, "tiny", rows=2, length=16, steps=1),
+            "jacobi_eager": lambda: jacobi_check(device, "tiny", prompts=1, n=4, max_new_tokens=8, compiled=False),
+        }
+    return {
+        "flash_attn": lambda: flash_attn_check(device),
+        "pass_cost": lambda: pass_cost_check(device, "7b", None, repeats=5),
+        "train_step_1b": lambda: train_step_check(device, "1b", rows=4, length=2048, steps=3),
+        "train_step_7b": lambda: train_step_check(device, "7b", rows=1, length=2048, steps=3),
+        "jacobi_eager": lambda: jacobi_check(device, "smollm2-135m", 8, n=16, max_new_tokens=128, compiled=False),
+        "jacobi_compiled": lambda: jacobi_check(device, "smollm2-135m", 8, n=16, max_new_tokens=128, compiled=True),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output", type=Path, default=Path("docs/results/gpu_check.json"))
+    parser.add_argument("--dry-run-cpu", action="store_true", help="tiny shapes on the CPU: tests the code, no GPU")
+    parser.add_argument("--only", nargs="+", help="run only these sections")
+    args = parser.parse_args()
+    if not args.dry_run_cpu and not torch.cuda.is_available():
+        print("gpu_check needs a CUDA device and torch.cuda.is_available() is False here", file=sys.stderr)
+        raise SystemExit(2)
+
+    from cllm.bench import write_json
+    from cllm.hardware import auto_dtype, recorded_cpu_flags
+
+    device = "cpu" if args.dry_run_cpu else "cuda"
+    choice = auto_dtype(device)
+    machine = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__}
+    machine.update(cpu_flags=recorded_cpu_flags(), auto_dtype=choice.name, auto_reason=choice.reason)
+    report = {"machine": machine, "dry_run_cpu": args.dry_run_cpu, "sections": {}}
+    started = time.perf_counter()
+    for name, call in sections(args.dry_run_cpu).items():
+        if args.only and name not in args.only:
+            continue
+        start = time.perf_counter()
+        try:
+            report["sections"][name] = {"ok": True, **call()}
+        except Exception as err:  # a missing package or an OOM must not lose the other figures
+            report["sections"][name] = {"ok": False, "error": f"{type(err).__name__}: {err}"[:2000]}
+            traceback.print_exc()
+        report["sections"][name]["seconds"] = time.perf_counter() - start
+        print(name, report["sections"][name], flush=True)
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    report["seconds"] = time.perf_counter() - started
+    write_json(args.output, report)
+    print(f"wrote {args.output} in {report['seconds']:.0f} s")
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
