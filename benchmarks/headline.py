@@ -28,7 +28,8 @@ from cllm.bench import greedy_ar, in_batches, write_json
 from cllm.callbacks.accepted_tokens import common_prefix_fraction, has_repeated_run
 from cllm.data_modules.json_extract import score_output
 from cllm.data_modules.prompts import encode_prompts, load_prompts
-from cllm.evaluation import humaneval_pass_at_1
+from cllm.errors import UserError
+from cllm.evaluation import humaneval_pass_at_1, require_sandbox
 from cllm.generate import eos_ids
 from cllm.jacobi import JacobiResult, jacobi_generate
 from cllm.models import load_model
@@ -170,7 +171,7 @@ def speed(models: dict, tokenizer, prompt_ids, max_new_tokens, n_values) -> dict
     return result
 
 
-def evaluate(spec: str, prompt_sets: dict, profile: dict, dtypes: list[str]) -> dict:
+def evaluate(spec: str, prompt_sets: dict, profile: dict, dtypes: list[str], unsafe_exec: bool = False) -> dict:
     models = {}
     for dtype in dtypes:
         models[dtype], tokenizer = load_model(spec, dtype=dtype)
@@ -191,16 +192,17 @@ def evaluate(spec: str, prompt_sets: dict, profile: dict, dtypes: list[str]) -> 
             entry["speed"] = speed(
                 models, tokenizer, ids[: profile["speed_limit"]], profile["max_new_tokens"], profile["n_values"]
             )
-        entry["quality"] = quality(name, prompts, texts)
+        entry["quality"] = quality(name, prompts, texts, unsafe_exec)
         report[name] = entry
     return report
 
 
-def quality(set_name: str, prompts: list, texts: list[str]) -> dict:
+def quality(set_name: str, prompts: list, texts: list[str], unsafe_exec: bool = False) -> dict:
     """Task quality against the ground truth: HumanEval pass@1 (sandboxed execution); json-extract valid/exact/
-    field accuracy against the generating record (nothing is executed). Other sets have none."""
+    field accuracy against the generating record (nothing is executed). Other sets have none.
+    `unsafe_exec`: run HumanEval code without the bubblewrap sandbox where there is none."""
     if set_name == "humaneval":
-        passed = humaneval_pass_at_1([p.meta for p in prompts], texts)
+        passed = humaneval_pass_at_1([p.meta for p in prompts], texts, unsafe_exec=unsafe_exec)
         return {"pass_at_1": sum(passed) / len(passed)}
     if set_name == "json-extract":
         scores = [score_output(text, p.meta["record"]) for p, text in zip(prompts, texts)]
@@ -351,6 +353,11 @@ def main() -> None:
         action="store_true",
         help="re-render results.md and the plots from --output's results.json",
     )
+    parser.add_argument(
+        "--unsafe-exec",
+        action="store_true",
+        help="run model-written HumanEval code even without the bubblewrap sandbox (only on a throwaway machine)",
+    )
     parser.add_argument("fit_args", nargs="*", help="extra overrides passed to `cllm fit` (after --)")
     args = parser.parse_args()
     name = "quick" if args.quick else "full"
@@ -366,6 +373,12 @@ def main() -> None:
         (output / "results.md").write_text(markdown(results))
         print(f"re-rendered {output}/results.md and {len(results['plots'])} plots")
         return
+    if "humaneval" in sets:
+        try:  # before hours of training, not after
+            require_sandbox(args.unsafe_exec)
+        except UserError as err:
+            print(f"headline: error: {err}", file=sys.stderr)
+            sys.exit(2)
     work = args.work_dir / f"{args.suite}-{name}"
     work.mkdir(parents=True, exist_ok=True)
     output.mkdir(parents=True, exist_ok=True)
@@ -402,8 +415,8 @@ def main() -> None:
         | {"config": [args.config, *suite["overlays"]], "fit_overrides": profile["fit"] + args.fit_args},
         "timings": timings,
         "models": {
-            "base": evaluate("smollm2-135m", prompt_sets, profile, args.dtypes),
-            "cllm": evaluate(str(exported), prompt_sets, profile, args.dtypes),
+            "base": evaluate("smollm2-135m", prompt_sets, profile, args.dtypes, args.unsafe_exec),
+            "cllm": evaluate(str(exported), prompt_sets, profile, args.dtypes, args.unsafe_exec),
         },
         "validation_curve": validation_curve(work / "fit"),
     }

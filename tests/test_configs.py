@@ -53,6 +53,7 @@ def test_llama7b_recipe(capsys):
     parsed = print_config(capsys, "llama7b.yaml")
     model, data, trainer = parsed["model"]["init_args"], parsed["data"]["init_args"], parsed["trainer"]
     assert data["n"] == 16 and model["lr"] == 2e-5 and model["warmup_ratio"] == 0.03 and model["ar_weight"] == 10
+    assert model["label_smoothing"] == 0.1 and not model["ar_mask_prompt"]  # the official AR loss
     assert trainer["max_epochs"] == 1 and trainer["devices"] == 8
     assert trainer["strategy"]["class_path"].endswith("ModelParallelStrategy")
     assert model["activation_checkpointing"] and model["fsdp_param_dtype"] == "bfloat16"
