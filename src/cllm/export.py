@@ -20,6 +20,7 @@ import torch
 
 from cllm.errors import UserError
 from cllm.models import load_model, resolve_dtype
+from cllm.safe_checkpoint import UNREADABLE, check_sharded_checkpoint, load_sharded, one_line
 
 META_FILE = "meta.pt"  # Lightning's metadata file inside a sharded checkpoint folder
 PREFIX = "model."  # CLLMModule keeps the HF model as `self.model`
@@ -30,23 +31,22 @@ def read_metadata(ckpt: Path) -> dict:
     if ckpt.is_dir():
         if not (ckpt / META_FILE).is_file():
             raise UserError(f"{ckpt} is a folder but not a sharded Lightning checkpoint (no {META_FILE})")
+        check_sharded_checkpoint(ckpt)  # before the model is built: a refused folder fails in a second
         return torch.load(ckpt / META_FILE, weights_only=True, map_location="cpu")
     if not ckpt.is_file():
         raise UserError(f"checkpoint not found: {ckpt}")
-    return torch.load(ckpt, weights_only=True, map_location="cpu", mmap=True)
+    try:
+        return torch.load(ckpt, weights_only=True, map_location="cpu", mmap=True)
+    except Exception as err:  # truncated zip, not a checkpoint, a pickle with forbidden globals
+        raise UserError(f"{ckpt}: {UNREADABLE}: {one_line(err)}") from None
 
 
 def load_trained_weights(model: torch.nn.Module, ckpt: Path, metadata: dict) -> None:
     """Copy the checkpoint's `model.*` weights into `model` (in place; every weight must be present)."""
     if ckpt.is_dir():
-        import torch.distributed.checkpoint as dcp
-
-        # Load straight into the model's own tensors: only the weights are read, never the optimizer state.
-        state = {"state_dict": {PREFIX + name: tensor for name, tensor in model.state_dict().items()}}
-        try:
-            dcp.load(state, checkpoint_id=str(ckpt), no_dist=True)
-        except Exception as err:  # DCP raises a generic CheckpointException listing per-rank failures
-            raise UserError(f"{ckpt}: cannot read the model weights from this sharded checkpoint ({err})") from err
+        # Load straight into the model's own tensors: only the weights are read, never the optimizer state; the
+        # folder's pickled index goes through an allow-list (cllm.safe_checkpoint), so it cannot run code.
+        load_sharded({"state_dict": {PREFIX + name: tensor for name, tensor in model.state_dict().items()}}, ckpt)
         return
     state_dict = metadata.get("state_dict")
     if not state_dict:

@@ -12,6 +12,7 @@ import yaml
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
+from cllm.safe_checkpoint import guard_checkpoint_loading
 from cllm.slurm import SLURMRequeue, check_slurm_layout
 
 
@@ -39,6 +40,11 @@ class CLLMLightningCLI(LightningCLI):
         defaults["callbacks"] = [*defaults.get("callbacks", []), SLURMRequeue()]
         kwargs["trainer_defaults"] = defaults
         super().__init__(LightningModule, LightningDataModule, args=args, **kwargs)
+
+    def instantiate_trainer(self, **kwargs) -> Trainer:
+        trainer = super().instantiate_trainer(**kwargs)
+        guard_checkpoint_loading(trainer.strategy)  # `--ckpt_path` folders cannot run code; corrupt ones: one line
+        return trainer
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
