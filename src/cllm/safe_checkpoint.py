@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import io
 import pickle
+import re
 from pathlib import Path, PurePath
 from typing import Any
 
@@ -136,6 +137,8 @@ def check_sharded_checkpoint(folder: Path) -> None:
             raise UserError(f"{folder}: the checkpoint index points outside its folder ({info.relative_path})")
         if getattr(info, "transform_descriptors", None):
             raise UserError(f"{folder}: transformed (compressed) shards are not supported")
+        if not (folder / relative).is_file():
+            raise UserError(f"{folder}: the shard {relative} listed in its {METADATA_FILE} is missing")
         if index.fqn not in byte_items:
             continue
         try:
@@ -182,5 +185,8 @@ def _first_failure(err: CheckpointException) -> str:
 
 def one_line(err: BaseException) -> str:
     """An exception's message on one line (for `UserError`s that wrap a library's multi-line error)."""
-    text = " ".join(str(err).split()) or type(err).__name__
+    text = re.sub(r"\x1b\[[0-9;]*m", "", " ".join(str(err).split())) or type(err).__name__
+    if "WeightsUnpickler error: " in text:  # torch's advice on unsafe loading is no advice here
+        reason = text.split("WeightsUnpickler error: ")[1].split(". ")[0]
+        text = f"it holds objects that are not plain data ({reason})"
     return text[:300]
