@@ -17,9 +17,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from cllm.data_modules.records import SHARD_PATTERN, write_manifest
 from cllm.data_modules.trajectory_data import TrajectoryDataModule
 from cllm.models import build_tiny_tokenizer, tokenizer_fingerprint
+from cllm.records import SHARD_PATTERN, write_manifest
 
 N = 16
 

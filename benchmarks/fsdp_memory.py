@@ -77,7 +77,7 @@ def main() -> None:
         rank_main(args.rank_mode, args.model, args.scratch)
         return
 
-    from cllm.bench import write_json
+    from cllm.files import write_json
     from cllm.hardware import recorded_cpu_flags
     from cllm.models import _local_folder
 

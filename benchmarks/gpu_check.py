@@ -162,7 +162,7 @@ def main() -> None:
         print("gpu_check needs a CUDA device and torch.cuda.is_available() is False here", file=sys.stderr)
         raise SystemExit(2)
 
-    from cllm.bench import write_json
+    from cllm.files import write_json
     from cllm.hardware import auto_dtype, recorded_cpu_flags
 
     device = "cpu" if args.dry_run_cpu else "cuda"

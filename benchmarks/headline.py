@@ -15,7 +15,6 @@ plots in --output. Timings are wall-clock on whatever machine runs this; ratios 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import subprocess
 import sys
@@ -24,16 +23,17 @@ from pathlib import Path
 
 import torch
 
-from cllm.bench import greedy_ar, in_batches, write_json
+from cllm.bench import greedy_ar
 from cllm.callbacks.accepted_tokens import common_prefix_fraction, has_repeated_run
 from cllm.data_modules.json_extract import score_output
 from cllm.data_modules.prompts import encode_prompts, load_prompts
 from cllm.errors import UserError
 from cllm.evaluation import humaneval_pass_at_1, require_sandbox
-from cllm.generate import eos_ids
-from cllm.jacobi import JacobiResult, jacobi_generate
-from cllm.models import load_model
-from cllm.trajectory import REPETITION_LIMIT
+from cllm.files import write_json
+from cllm.jacobi import JacobiResult, decode_batched
+from cllm.models import eos_ids, load_model
+from cllm.records import REPETITION_LIMIT
+from cllm.tracking import read_metrics_csv
 
 # Two suites, never mixed: `broad` (held-out stdlib-code and HumanEval) and `json` (the narrow json-extract
 # domain). Each has config overlays (after --config) and a quick and a full profile: quality_limit = prompts per
@@ -124,8 +124,7 @@ def batched_jacobi(model, tokenizer, prompt_ids, max_new_tokens, n=16, batch_siz
         "eos_token_id": eos_ids(model, tokenizer),
         "pad_token_id": tokenizer.pad_token_id,
     }
-    results = [jacobi_generate(model, batch, **kwargs) for batch in in_batches(prompt_ids, batch_size)]
-    return JacobiResult([t for r in results for t in r.tokens], [a for r in results for a in r.accepted_per_pass], n)
+    return decode_batched(model, prompt_ids, batch_size=batch_size, **kwargs)
 
 
 def speed(models: dict, tokenizer, prompt_ids, max_new_tokens, n_values) -> dict:
@@ -149,8 +148,8 @@ def speed(models: dict, tokenizer, prompt_ids, max_new_tokens, n_values) -> dict
     model = models[jacobi_dtype]
     for n in n_values:
         kwargs = {"n": n, "max_new_tokens": max_new_tokens, "eos_token_id": eos, "pad_token_id": pad}
-        jacobi_generate(model, prompt_ids[:1], **{**kwargs, "max_new_tokens": 4})
-        runs = [timed(jacobi_generate, model, [p], **kwargs) for p in prompt_ids]
+        decode_batched(model, prompt_ids[:1], batch_size=1, **{**kwargs, "max_new_tokens": 4})
+        runs = [timed(decode_batched, model, [p], batch_size=1, **kwargs) for p in prompt_ids]
         tokens = [len(r.tokens[0]) for r, _ in runs]
         seconds = [s for _, s in runs]
         ar_per_prompt = result["ar"][fastest]["per_prompt_tokens_per_s"]
@@ -212,14 +211,9 @@ def quality(set_name: str, prompts: list, texts: list[str], unsafe_exec: bool = 
 
 def validation_curve(fit_root: Path) -> list[tuple[int, float]]:
     """(step, val/accepted_tokens_per_step) from the fit's CSV logs."""
-    points = []
-    for path in fit_root.rglob("metrics.csv"):
-        with open(path) as handle:
-            for row in csv.DictReader(handle):
-                value = row.get("val/accepted_tokens_per_step")
-                if value:
-                    points.append((int(row["step"]), float(value)))
-    return sorted(points)
+    rows = read_metrics_csv(fit_root)
+    key = "val/accepted_tokens_per_step"
+    return sorted((int(row["step"]), row[key]) for row in rows if key in row)
 
 
 def markdown(results: dict) -> str:

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import torch
 
-from cllm.bench import timed_jacobi, write_json
+from cllm.bench import timed_jacobi
 from cllm.data_modules.prompts import encode_prompts, load_prompts
-from cllm.generate import eos_ids
+from cllm.files import write_json
 from cllm.jacobi import jacobi_generate
-from cllm.models import load_model
+from cllm.models import eos_ids, load_model
 
 
 def main() -> None:

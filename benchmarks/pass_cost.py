@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
 
-from cllm.bench import write_json
+from cllm.files import write_json
 from cllm.jacobi import cache_argument
 from cllm.models import load_model, resolve_dtype
 

@@ -20,11 +20,11 @@ from pathlib import Path
 
 import torch
 
-from cllm.bench import write_json
-from cllm.data_modules.records import Record
 from cllm.data_modules.trajectory_data import collate, collate_packed
+from cllm.files import write_json
 from cllm.hardware import auto_dtype, recorded_cpu_flags
 from cllm.module import CLLMModule, real_tokens
+from cllm.records import Record
 
 CONTEXTS = (104, 72, 136, 88)  # tokens before the block in each row
 

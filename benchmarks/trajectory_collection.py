@@ -18,9 +18,10 @@ from pathlib import Path
 
 import torch
 
+from cllm.collection import row_seed
 from cllm.data_modules.prompts import encode_prompts, load_prompts
 from cllm.models import load_model
-from cllm.trajectory import collect_trajectories, row_seed
+from cllm.trajectory import collect_trajectories
 
 
 def run(model, tokenizer, prompt_ids, batch_size: int, n: int, max_new_tokens: int) -> dict:

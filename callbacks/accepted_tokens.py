@@ -20,8 +20,9 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torchmetrics import MaxMetric, MeanMetric, SumMetric
 
 from cllm.data_modules.prompts import encode_prompts, load_prompts
-from cllm.data_modules.records import longest_run
-from cllm.jacobi import jacobi_generate
+from cllm.jacobi import decode_batched
+from cllm.models import eos_ids
+from cllm.records import longest_run
 
 SAMPLE_COLUMNS = ["prompt", "base_output", "jacobi_output", "accepted_tokens_per_step"]
 
@@ -71,16 +72,16 @@ def decode_shard(
     """
     indices = list(range(rank, len(prompt_ids), world_size))
     per_rank = math.ceil(len(prompt_ids) / world_size)
-    batches = math.ceil(per_rank / batch_size) if per_rank else 0
-    tokens: list[list[int]] = []
-    rates: list[float] = []
     start = time.perf_counter()
-    for b in range(batches):
-        chunk = [prompt_ids[i] for i in indices[b * batch_size : (b + 1) * batch_size]]
-        result = jacobi_generate(model, chunk, all_done=all_done, **jacobi_kwargs)
-        tokens += result.tokens
-        rates += result.accepted_tokens_per_step
-    return Decoded(indices, tokens, rates, time.perf_counter() - start)
+    result = decode_batched(
+        model,
+        [prompt_ids[i] for i in indices],
+        batch_size=batch_size,
+        min_batches=math.ceil(per_rank / batch_size),
+        all_done=all_done,
+        **jacobi_kwargs,
+    )
+    return Decoded(indices, result.tokens, result.accepted_tokens_per_step, time.perf_counter() - start)
 
 
 class AcceptedTokensCallback(Callback):
@@ -211,7 +212,7 @@ class AcceptedTokensCallback(Callback):
                 else None,
                 n=self._n(trainer),
                 max_new_tokens=self.max_new_tokens,
-                eos_token_id=tokenizer.eos_token_id,
+                eos_token_id=eos_ids(pl_module.model, tokenizer),
                 pad_token_id=tokenizer.pad_token_id or 0,
             )
         pl_module.train(was_training)

@@ -12,13 +12,13 @@ without running anything: `score_output` parses the output and compares it with 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import re
 
-from cllm.data_modules.prompts import Prompt, bundled
 from cllm.errors import UserError
+from cllm.files import unit_hash
+from cllm.records import Prompt
 
 SPLITS = ("train", "validation", "test")
 SIZE = 2000
@@ -156,7 +156,7 @@ def draw(kind: str, rng: random.Random) -> tuple[dict, str]:
 
 
 def split_of(prompt_id: str) -> str:
-    value = int.from_bytes(hashlib.sha256(prompt_id.encode()).digest()[:8], "big") / 2**64
+    value = unit_hash(prompt_id)
     return "train" if value < 0.8 else "validation" if value < 0.9 else "test"
 
 
@@ -184,7 +184,6 @@ def generate_all() -> list[Prompt]:
     return prompts
 
 
-@bundled("json-extract")
 def json_extract_prompts(split: str | None = None) -> list[Prompt]:
     """`json-extract:train|validation|test` (all splits when no split is given)."""
     if split is not None and split not in SPLITS:

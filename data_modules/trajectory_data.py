@@ -19,19 +19,14 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
+from cllm.collection import CollectConfig, run_collection
+from cllm.data_modules.collate import collate, collate_packed
 from cllm.data_modules.prompts import Prompt, load_prompts
-from cllm.data_modules.records import atomic_write_bytes, check_tokenizer, iter_lines, parse_record, read_manifest
-from cllm.data_modules.trajectory_stream import (  # noqa: F401  (re-exported: the batch contract lives there)
-    STATE_STRATEGIES,
-    EpochDataLoader,
-    TrajectoryStream,
-    collate,
-    collate_packed,
-    pick_states,
-    prompt_hash,
-    samples_per_record,
-)
+from cllm.data_modules.trajectory_stream import STATE_STRATEGIES, EpochDataLoader, TrajectoryStream, samples_per_record
 from cllm.errors import UserError
+from cllm.files import atomic_write_bytes, iter_lines, unit_hash
+from cllm.models import load_tokenizer, tokenizer_fingerprint
+from cllm.records import MANIFEST_NAME, check_tokenizer, parse_record, read_manifest
 
 
 class TrajectoryDataModule(LightningDataModule):
@@ -112,11 +107,8 @@ class TrajectoryDataModule(LightningDataModule):
 
     def prepare_data(self) -> None:
         """Collect the trajectories (one process, batched) when the folder has no manifest yet."""
-        if (self.path / "manifest.json").is_file():
+        if (self.path / MANIFEST_NAME).is_file():
             return
-        from cllm.collection import run_collection
-        from cllm.trajectory import CollectConfig
-
         h = self.hparams
         rank_zero_info(f"{self.path} has no manifest.json: collecting trajectories of {self.model} on {h.prompts}")
         run_collection(
@@ -136,8 +128,6 @@ class TrajectoryDataModule(LightningDataModule):
         )
 
     def setup(self, stage: str | None = None) -> None:
-        from cllm.models import load_tokenizer, tokenizer_fingerprint
-
         if self.manifest is not None:
             return
         self.tokenizer = load_tokenizer(self.model)
@@ -200,7 +190,7 @@ class TrajectoryDataModule(LightningDataModule):
             lines = 0
             for number, line in iter_lines(path):
                 record = parse_record(line, f"{path}:{number}", self.n)
-                hashes.append(prompt_hash(record.prompt_id))
+                hashes.append(unit_hash(record.prompt_id))
                 counts.append(samples_per_record(record, h.state_strategy, h.next_state))
                 truncated += len(record.context) > h.max_length - self.n
                 lines += 1

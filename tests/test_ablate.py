@@ -134,7 +134,7 @@ def test_collect_reads_csv_history_and_keeps_prose(tmp_path: Path) -> None:
 def test_index_count_and_dry_run(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     base = _write(tmp_path / "base.yaml", "trainer: {max_steps: 1}\n")
     _write(tmp_path / "ov" / "x.yaml", "trainer: {max_steps: 2}\n")
-    common = ["--config", str(base), "--overlays", str(tmp_path / "ov"), "--root", str(tmp_path / "r")]
+    common = ["--base", str(base), "--overlays", str(tmp_path / "ov"), "--root", str(tmp_path / "r")]
     ablate.main([*common, "--count"])
     assert capsys.readouterr().out.strip() == "2"
     ablate.main([*common, "--dry-run", "--trainer.max_epochs=1"])
@@ -164,7 +164,7 @@ def test_index_runs_in_this_process(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         monkeypatch.delenv(key)
     _write(tmp_path / "ov" / "more.yaml", "model: {init_args: {accepted: 3.0}}\n")
     root = tmp_path / "runs"
-    common = ["--config", str(_stub_base(tmp_path)), "--overlays", str(tmp_path / "ov"), "--root", str(root)]
+    common = ["--base", str(_stub_base(tmp_path)), "--overlays", str(tmp_path / "ov"), "--root", str(root)]
     ablate.main([*common, "--index", "1"])
     assert [p.name for p in root.iterdir()] == ["more"]
     record = json.loads((root / "more" / ablate.RECORD).read_text())
@@ -180,7 +180,7 @@ def test_real_sweep_then_collect(tmp_path: Path) -> None:
     env["PYTHONPATH"] = os.pathsep.join([str(HERE), env.get("PYTHONPATH", "")])
     root, output = tmp_path / "runs", tmp_path / "ablations.md"
     cllm = [sys.executable, "-m", "cllm", "ablate"]
-    run = [*cllm, "--config", str(base), "--overlays", str(tmp_path / "ov"), "--root", str(root)]
+    run = [*cllm, "--base", str(base), "--overlays", str(tmp_path / "ov"), "--root", str(root)]
     proc = subprocess.run(run, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(p.name for p in root.iterdir()) == ["baseline", "more"]

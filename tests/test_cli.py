@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from cllm.cli import main, resolve_config_args
+from cllm.arguments import resolve_config_args
+from cllm.cli import main
 
 
 def run(argv, capsys):
@@ -26,7 +27,7 @@ def test_help_lists_every_command(capsys):
 
 
 def test_config_name_resolves_in_cwd_first_then_bundled(tmp_path, monkeypatch):
-    from cllm.cli import bundled_config_dir
+    from cllm.arguments import bundled_config_dir
 
     bundled = sorted(p.name for p in bundled_config_dir().glob("*.yaml"))
     if not bundled:
@@ -92,3 +93,71 @@ def test_bad_input_is_one_line_and_exit_code_2(argv, message, tmp_path, monkeypa
     assert code == 2
     assert message in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+# One convention on every command: --print_config, both flag spellings, one-line errors naming the option.
+# (command arguments, the flag in both spellings with its value, the key it sets in the printed config)
+SPELLINGS = [
+    (["trajectories", "--model", "tiny"], "max_new_tokens", "30", ("max_new_tokens",)),
+    (["generate", "--model", "tiny", "--prompt", "hi"], "max_new_tokens", "30", ("max_new_tokens",)),
+    (["bench", "--model", "tiny", "--prompts", "humaneval"], "batch_size", "3", ("batch_size",)),
+    (["export", "--ckpt", "a.ckpt", "--output", "out"], "dtype", "float64", ("dtype",)),
+    (["ablate", "--base", "tiny.yaml"], "dry_run", "true", ("dry_run",)),
+    (["fit", "--config", "tiny.yaml"], "trainer.max_steps", "3", ("trainer", "max_steps")),
+    (["validate", "--config", "tiny.yaml"], "trainer.limit_val_batches", "2", ("trainer", "limit_val_batches")),
+    (["test", "--config", "tiny.yaml"], "trainer.limit_test_batches", "2", ("trainer", "limit_test_batches")),
+    (["predict", "--config", "tiny.yaml"], "trainer.max_steps", "3", ("trainer", "max_steps")),
+]
+
+
+def printed_config(argv, capsys) -> dict:
+    import yaml
+
+    code, out, err = run([*argv, "--print_config"], capsys)
+    assert code in (0, None), err
+    return yaml.safe_load(out)
+
+
+@pytest.mark.parametrize("argv, flag, value, key", SPELLINGS, ids=[s[0][0] for s in SPELLINGS])
+def test_every_command_prints_its_config_and_takes_both_spellings(argv, flag, value, key, capsys):
+    configs = []
+    for spelling in (flag, flag.replace("_", "-")):
+        config = printed_config([*argv, f"--{spelling}", value], capsys)
+        for part in key:
+            config = config[part]
+        configs.append(config)
+    assert configs[0] == configs[1] and str(configs[0]).lower() == value
+
+
+def test_dashed_print_config_and_bare_and_negated_booleans(capsys):
+    config = printed_config(["trajectories", "--model", "tiny", "--clean", "--no-chat-template"], capsys)
+    assert config["clean"] is True and config["chat_template"] is False
+    code, _, _ = run(["trajectories", "--model", "tiny", "--print-config"], capsys)
+    assert code in (0, None)
+
+
+def test_config_file_feeds_any_command(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "gen.yaml").write_text("model: tiny\nprompt: hello\nmax_new_tokens: 7\n")
+    assert printed_config(["generate", "--config", "gen.yaml"], capsys)["max_new_tokens"] == 7
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["generate", "--model", "tiny", "--prompt", "x", "--n", "abc"], "--n: expected int, got 'abc'"),
+        (
+            ["trajectories", "--model", "tiny", "--init", "zz"],
+            "--init: expected one of 'context', 'repeat', 'pad', got 'zz'",
+        ),
+        (["bench", "--model", "tiny", "--prompts", "p", "--limit", "x"], "--limit: expected int or null, got 'x'"),
+        (["generate", "--model", "tiny"], "--prompt is required"),
+        (["export", "--ckpt", "a", "--output", "b", "--bogus", "1"], "unrecognized arguments: --bogus 1"),
+        (["fit", "--config", "tiny.yaml", "--trainer.max_steps=abc"], "--trainer.max_steps: expected int, got 'abc'"),
+        (["ablate", "--root", "r"], "--base BASE.yaml is required"),
+    ],
+)
+def test_bad_flag_is_one_line_naming_the_option(argv, message, capsys):
+    code, _, err = run(argv, capsys)
+    assert code == 2
+    assert message in err and len(err.strip().splitlines()) == 1, err

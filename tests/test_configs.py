@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from cllm.cli import bundled_config_dir, main
+from cllm.arguments import bundled_config_dir
+from cllm.cli import main
 
 CONFIGS = sorted(str(p.relative_to(bundled_config_dir())) for p in bundled_config_dir().glob("*.yaml"))
 OVERLAYS = sorted(str(p.relative_to(bundled_config_dir())) for p in bundled_config_dir().glob("ablations/*.yaml"))

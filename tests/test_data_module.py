@@ -9,10 +9,12 @@ import pytest
 import torch
 from trainers import BatchRecorder, quiet_trainer
 
-from cllm.data_modules.records import Record, write_manifest, write_shard
-from cllm.data_modules.trajectory_data import TrajectoryDataModule, TrajectoryStream, collate, pick_states
+from cllm.data_modules.collate import collate
+from cllm.data_modules.trajectory_data import TrajectoryDataModule
+from cllm.data_modules.trajectory_stream import TrajectoryStream, pick_states
 from cllm.errors import UserError
 from cllm.models import build_tiny_tokenizer, tokenizer_fingerprint
+from cllm.records import Record, write_manifest, write_shard
 
 N = 3
 

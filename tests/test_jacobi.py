@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from cllm.jacobi import accepted_lengths, jacobi_generate
-from cllm.models import load_model
+from cllm.jacobi import DECODERS, accepted_lengths, decode_batched, jacobi_generate, jacobi_step
+from cllm.models import eos_ids, load_model
 
 MAX_NEW_TOKENS = 37  # deliberately not a multiple of any block size
 
@@ -105,3 +105,52 @@ def test_lockstep_hook_keeps_making_passes_until_all_done(tiny_float64):
         handle.remove()
     assert result.tokens == baseline.tokens
     assert len(calls) == 1 + decode_passes + 3  # prefill, own passes, 3 dummy passes
+
+
+def test_jacobi_step_commits_the_accepted_run_and_carries_the_rest():
+    block = torch.tensor([[5, 6, 7, 8], [5, 1, 7, 8]])
+    predictions = torch.tensor([[6, 7, 9, 3], [6, 7, 8, 9]])
+    accepted, carried, needs_guess = jacobi_step(block, predictions)
+    assert accepted.tolist() == [3, 1]
+    # next block = q[a-1:] then a-1 fresh slots
+    assert carried[0, :2].tolist() == [9, 3] and needs_guess[0].tolist() == [False, False, True, True]
+    assert carried[1].tolist() == [6, 7, 8, 9] and not needs_guess[1].any()
+
+
+def test_decode_batched_equals_one_call_per_batch_and_takes_any_decoder(tiny_float64):
+    model, _ = tiny_float64
+    prompts = random_prompts((6, 11, 4, 9, 3), seed=2)
+    kwargs = {"n": 4, "max_new_tokens": 12}
+    merged = decode_batched(model, prompts, batch_size=2, **kwargs)
+    parts = [jacobi_generate(model, prompts[i : i + 2], **kwargs) for i in range(0, 5, 2)]
+    assert merged.tokens == [row for part in parts for row in part.tokens]
+    assert merged.accepted_per_pass == [row for part in parts for row in part.accepted_per_pass]
+    calls = []
+
+    def counting(model, batch, **kw):
+        calls.append(len(batch))
+        return DECODERS["jacobi"](model, batch, **kw)
+
+    again = decode_batched(model, prompts, batch_size=2, decoder=counting, min_batches=4, **kwargs)
+    assert again.tokens == merged.tokens and calls == [2, 2, 1, 0]  # min_batches pads with empty batches
+    with pytest.raises(ValueError, match="unknown decoder"):
+        decode_batched(model, prompts, batch_size=2, decoder="nonsense", **kwargs)
+
+
+def test_eos_ids_joins_generation_config_and_tokenizer(tiny_float64):
+    """Llama-3 / Qwen2.5 style: the generation config lists two EOS ids; decoding stops at either."""
+    import copy
+
+    model, tokenizer = tiny_float64
+    model = copy.deepcopy(model)
+    prompts = random_prompts((6, 11), seed=5)
+    reference = [hf_greedy(model, p, MAX_NEW_TOKENS) for p in prompts]
+    first, second = reference[0][4], reference[1][6]
+    model.generation_config.eos_token_id = [first, second]
+    ids = eos_ids(model, tokenizer)
+    assert ids[:2] == [first, second] and tokenizer.eos_token_id in ids and len(ids) == len(set(ids))
+    result = jacobi_generate(model, prompts, n=4, max_new_tokens=MAX_NEW_TOKENS, eos_token_id=ids)
+    assert result.tokens == [hf_greedy(model, p, MAX_NEW_TOKENS, eos=ids) for p in prompts]
+    assert result.tokens[0][-1] in (first, second) and len(result.tokens[0]) <= 5
+    model.generation_config.eos_token_id = None
+    assert eos_ids(model, tokenizer) == [tokenizer.eos_token_id]

@@ -11,7 +11,7 @@ CHECK = """
 import pathlib, sys
 import cllm, cllm.data_modules, cllm.callbacks, cllm.configs
 from cllm.data_modules.prompts import load_prompts
-from cllm.cli import bundled_config_dir
+from cllm.arguments import bundled_config_dir
 for module in (cllm, cllm.data_modules, cllm.callbacks):
     assert pathlib.Path(module.__file__).resolve().is_relative_to(pathlib.Path(sys.argv[1]).resolve()), module.__file__
 print(sorted(p.name for p in bundled_config_dir().glob("*.yaml")))

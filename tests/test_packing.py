@@ -10,10 +10,12 @@ from test_data_module import N, make_dataset
 
 from cllm import losses
 from cllm.callbacks.throughput import ThroughputCallback
-from cllm.data_modules.records import Record
-from cllm.data_modules.trajectory_data import TrajectoryDataModule, collate, collate_packed, pick_states
+from cllm.data_modules.collate import collate, collate_packed
+from cllm.data_modules.trajectory_data import TrajectoryDataModule
+from cllm.data_modules.trajectory_stream import pick_states
 from cllm.errors import UserError
 from cllm.module import CLLMModule, real_tokens
+from cllm.records import Record
 
 BLOCK = 4  # n of the tiny module
 MAX_LENGTH = 64

@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from cllm.collection import Collector, write_dataset_manifest
-from cllm.data_modules.records import read_manifest, read_records
+from cllm.collection import CollectConfig, Collector, main
 from cllm.models import load_model
-from cllm.trajectory import CollectConfig, collect_trajectories, main
+from cllm.records import read_manifest, read_records, write_dataset_manifest
+from cllm.trajectory import collect_trajectories
 
 N = 4
 MAX_NEW = 13
@@ -99,7 +99,7 @@ def test_clean_counts_dropped_records(tmp_path, tiny):
     config = CollectConfig(model="tiny", prompts="unused", output=str(tmp_path), n=4, max_new_tokens=8, clean=True)
     collector = Collector.__new__(Collector)
     collector.config, collector.tokenizer = config, tokenizer
-    from cllm.data_modules.prompts import Prompt
+    from cllm.records import Prompt
 
     collector.prompts, collector.prompt_ids = [Prompt("a", "x")], [[1, 5]]
     blocks = [([], [[7] * 4]), ([7] * 4, [[9, 9, 9, 9]]), ([7] * 8, [[7, 7, 1, 2]])]

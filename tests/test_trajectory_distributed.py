@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from cllm.data_modules.records import read_manifest
+from cllm.records import read_manifest
 
 
 @pytest.mark.slow

@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from cllm.data_modules.records import read_manifest, read_records
+from cllm.collection import main
 from cllm.errors import UserError
 from cllm.models import build_tiny_tokenizer, tokenizer_fingerprint
-from cllm.trajectory import main
+from cllm.records import read_manifest, read_records
 
 PROMPT = [1, 10, 11]
 BLOCK0 = [[5, 5, 5], [20, 6, 6], [20, 21, 22]]

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from cllm.data_modules.records import read_manifest
+from cllm.records import read_manifest
 
 
 def command(prompts, out) -> list[str]:

@@ -1,10 +1,13 @@
 """`python -m cllm ablate`: run ablation overlays on a base config, then collect their final metrics into a table.
 
-    python -m cllm ablate --config tiny.yaml                      # baseline + every bundled configs/ablations/*.yaml
-    python -m cllm ablate --config tiny.yaml --overlays configs/ablations/n8.yaml --trainer.max_steps=50
-    python -m cllm ablate --config tiny.yaml --count              # how many runs (size of the SLURM array)
-    python -m cllm ablate --config tiny.yaml --index 3            # run number 3 only, in this process (SLURM array)
+    python -m cllm ablate --base tiny.yaml                        # baseline + every bundled configs/ablations/*.yaml
+    python -m cllm ablate --base tiny.yaml   --overlays configs/ablations/n8.yaml --trainer.max_steps=50
+    python -m cllm ablate --base tiny.yaml   --count              # how many runs (size of the SLURM array)
+    python -m cllm ablate --base tiny.yaml   --index 3            # run number 3 only, in this process (SLURM array)
     python -m cllm ablate --collect runs/ablate --output docs/ablations.md   # also writes docs/ablations.csv
+
+Unknown `--key=value` arguments (and all after a lone `--`) are passed to every `cllm fit`; `--config FILE` is a
+YAML file of ablate's own options, as for every command.
 
 Each run is `cllm fit --config BASE [--config OVERLAY] --trainer.default_root_dir=ROOT/NAME [overrides]`, NAME being
 the overlay's file stem (`baseline` for the base alone). The collector reads each run folder's CSVLogger
@@ -13,22 +16,24 @@ the overlay's file stem (`baseline` for the base alone). The collector reads eac
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
-import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from cllm.cli import bundled_config_dir, resolve_config
+from cllm.arguments import bundled_config_dir, parse_settings, resolve_config
 from cllm.errors import UserError
+from cllm.files import atomic_write_text
+from cllm.lightning_cli import run_lightning
+from cllm.tracking import read_metrics_csv, read_offline_run
 
 BASELINE = "baseline"
 RECORD = "ablate.json"  # per run: command, return code, seconds, overlay delta
@@ -48,25 +53,54 @@ SKIPPED = ("train/lr", "train/tokens_per_s", "train/grad_norm", "val/jacobi_toke
 BEGIN, END = "<!-- ablate:begin -->", "<!-- ablate:end -->"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="cllm ablate",
-        description="Run ablation overlays on a base config, or collect their final metrics into a table. "
-        "Unknown --key=value arguments are passed to every `cllm fit`.",
-        allow_abbrev=False,
-    )
-    parser.add_argument("--config", help="base config (NAME.yaml: current folder first, then the bundled configs/)")
-    parser.add_argument(
-        "--overlays", nargs="+", help="overlay YAML files or folders (default: the bundled configs/ablations/)"
-    )
-    parser.add_argument("--root", default="runs/ablate", help="one run folder per overlay under ROOT")
-    parser.add_argument("--no-baseline", action="store_true", help="do not run the base config alone")
-    parser.add_argument("--index", type=int, help="run only run number INDEX (0-based), in this process")
-    parser.add_argument("--count", action="store_true", help="print the number of runs and exit")
-    parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
-    parser.add_argument("--collect", metavar="ROOT", help="build the table from the run folders under ROOT")
-    parser.add_argument("--output", help="with --collect: markdown file to write (a .csv is written beside it)")
-    return parser
+@dataclass(kw_only=True)
+class AblateSettings:
+    """`cllm ablate`: run ablation overlays on a base config, or collect their final metrics into a table.
+
+    Args:
+        base: base config of every run (NAME.yaml: current folder first, then the bundled configs/).
+        overlays: overlay YAML files or folders (default: the bundled configs/ablations/).
+        root: one run folder per overlay under ROOT.
+        baseline: also run the base config alone (`--no_baseline`: do not).
+        index: run only run number INDEX (0-based), in this process.
+        count: print the number of runs and exit.
+        dry_run: print the commands, run nothing.
+        collect: build the table from the run folders under this folder.
+        output: with --collect: markdown file to write (a .csv is written beside it).
+        fit_args: overrides passed to every `cllm fit` (also any --key=value that ablate does not know).
+    """
+
+    base: str | None = None
+    overlays: list[str] | None = None
+    root: str = "runs/ablate"
+    baseline: bool = True
+    index: int | None = None
+    count: bool = False
+    dry_run: bool = False
+    collect: str | None = None
+    output: str | None = None
+    fit_args: list[str] = field(default_factory=list)
+
+
+def split_fit_args(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(ablate's own arguments, the overrides for `cllm fit`): the flags ablate does not know, with their values,
+    and everything after a lone `--`."""
+    known = {f.name for f in fields(AblateSettings)} | {"config", "print_config", "help", "no_baseline"}
+    own, fit = [], []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--":
+            return own, fit + argv[i + 1 :]
+        name = arg[2:].split("=", 1)[0].replace("-", "_") if arg.startswith("--") else None
+        target = own if name is None or name in known else fit
+        target.append(arg)
+        i += 1
+        if name is not None and name not in known and "=" not in arg:
+            while i < len(argv) and not argv[i].startswith("-"):
+                fit.append(argv[i])
+                i += 1
+    return own, fit
 
 
 def overlay_files(overlays: list[str] | None) -> list[Path]:
@@ -132,7 +166,7 @@ def write_logger_config(base: str, name: str, overlay: Path | None, root: Path) 
     configs = [base] + ([str(overlay)] if overlay else [])
     loggers = run_loggers(configs, name, root / name)
     if loggers:
-        _write_atomic(root / name / LOGGERS, yaml.safe_dump({"trainer": {"logger": loggers}}, sort_keys=False))
+        atomic_write_text(root / name / LOGGERS, yaml.safe_dump({"trainer": {"logger": loggers}}, sort_keys=False))
 
 
 def overlay_delta(overlay: Path | None) -> str:
@@ -156,18 +190,12 @@ def _flatten(data: Any, prefix: str = "") -> list[tuple[str, Any]]:
     return [(prefix, data)]
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def run_all(args: argparse.Namespace, extra: list[str]) -> None:
-    if not args.config:
-        raise UserError("--config BASE.yaml is required to run ablations (or use --collect ROOT)")
-    base = resolve_config(args.config)
-    runs = plan_runs(overlay_files(args.overlays), baseline=not args.no_baseline)
+def run_all(args: AblateSettings) -> None:
+    if not args.base:
+        raise UserError("--base BASE.yaml is required to run ablations (or use --collect ROOT)")
+    base = resolve_config(args.base)
+    extra = args.fit_args
+    runs = plan_runs(overlay_files(args.overlays), baseline=args.baseline)
     if args.count:
         print(len(runs))
         return
@@ -188,24 +216,25 @@ def run_all(args: argparse.Namespace, extra: list[str]) -> None:
         started = time.time()
         if args.index is not None:
             # In this process, so SLURM's SIGUSR1 reaches Lightning (a child process would not get it).
-            from cllm.cli import main as cli_main
-
             record["command"] = argv
-            _write_atomic(root / name / RECORD, json.dumps(record, indent=1))
+            atomic_write_text(root / name / RECORD, json.dumps(record, indent=1))
             returncode: int | str | None = 1
             try:
-                cli_main(argv)
+                run_lightning(argv)
                 returncode = 0
+            except UserError:
+                returncode = 2
+                raise
             except SystemExit as exit_:
                 returncode = exit_.code
                 raise
             finally:
                 record.update(returncode=returncode, seconds=round(time.time() - started, 1))
-                _write_atomic(root / name / RECORD, json.dumps(record, indent=1))
+                atomic_write_text(root / name / RECORD, json.dumps(record, indent=1))
             continue
         returncode = subprocess.run([sys.executable, "-m", "cllm", *argv]).returncode
         record.update(command=argv, returncode=returncode, seconds=round(time.time() - started, 1))
-        _write_atomic(root / name / RECORD, json.dumps(record, indent=1))
+        atomic_write_text(root / name / RECORD, json.dumps(record, indent=1))
         if returncode:
             failed.append(name)
     if failed:
@@ -213,28 +242,8 @@ def run_all(args: argparse.Namespace, extra: list[str]) -> None:
 
 
 # --- Collecting ----------------------------------------------------------------------------------------------
-def _number(text: str) -> float | None:
-    try:
-        return float(text)
-    except ValueError:
-        return None
-
-
-def csv_history(run_dir: Path) -> list[dict[str, float]]:
-    """Rows of every `metrics.csv` under `run_dir` (CSVLogger), oldest version first, empty cells dropped."""
-    files = sorted(run_dir.rglob("metrics.csv"), key=lambda p: p.stat().st_mtime)
-    rows = []
-    for file in files:
-        for row in csv.DictReader(file.open(newline="")):
-            values = {key: _number(value) for key, value in row.items() if key and value not in (None, "")}
-            rows.append({key: value for key, value in values.items() if value is not None})
-    return rows
-
-
 def wandb_history(run_dir: Path) -> list[dict[str, float]]:
     """History rows of the W&B runs under `run_dir/wandb` (a requeued job has one folder per attempt)."""
-    from cllm.tracking import read_offline_run
-
     rows = []
     for folder in sorted(run_dir.glob("wandb/*run-*")):
         if folder.is_dir() and list(folder.glob("run-*.wandb")):
@@ -248,7 +257,7 @@ def wandb_history(run_dir: Path) -> list[dict[str, float]]:
 
 def final_metrics(run_dir: Path) -> dict[str, float]:
     """Last logged value of every metric, plus `step` (the last step logged) and the step-0 accepted tokens."""
-    rows = csv_history(run_dir) or wandb_history(run_dir)
+    rows = read_metrics_csv(run_dir) or wandb_history(run_dir)
     final: dict[str, float] = {}
     for row in rows:
         final.update(row)
@@ -317,12 +326,12 @@ def write_report(output: Path, table: str, csv_text: str) -> None:
         text = head + block + rest.split(END, 1)[1]
     else:
         text = f"# Ablations\n\n{block}\n"
-    _write_atomic(output, text)
-    _write_atomic(output.with_suffix(".csv"), csv_text)
+    atomic_write_text(output, text)
+    atomic_write_text(output.with_suffix(".csv"), csv_text)
 
 
-def main(argv: list[str]) -> None:
-    args, extra = build_parser().parse_known_args(argv)
+def ablate(args: AblateSettings) -> None:
+    """Collect the table (`--collect`) or plan/run the ablation runs."""
     if args.collect:
         root = Path(args.collect)
         columns, rows = collect(root)
@@ -331,7 +340,14 @@ def main(argv: list[str]) -> None:
         if args.output:
             write_report(Path(args.output), table, render_csv(columns, rows))
         return
-    unknown = [a for a in extra if a.startswith("-") and not a.startswith("--")]
+    unknown = [a for a in args.fit_args if a.startswith("-") and not a.startswith("--")]
     if unknown:
         raise UserError(f"unknown option(s) {unknown}; overrides for `cllm fit` look like --trainer.max_steps=10")
-    run_all(args, extra)
+    run_all(args)
+
+
+def main(argv: list[str]) -> None:
+    own, fit = split_fit_args(list(argv))
+    settings = parse_settings(AblateSettings, own, "cllm ablate", __doc__.splitlines()[0])
+    settings.fit_args = [*settings.fit_args, *fit]
+    ablate(settings)

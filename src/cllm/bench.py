@@ -7,17 +7,41 @@ lossless, so a lower value flags numerical ties or a bug).
 
 from __future__ import annotations
 
-import json
 import platform
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from cllm.data_modules.records import atomic_write_text
+from cllm.arguments import parse_settings
+from cllm.data_modules.prompts import encode_prompts, load_prompts
 from cllm.errors import UserError
-from cllm.generate import add_model_arguments, eos_ids, load_for_decoding, make_parser
-from cllm.jacobi import JacobiResult, jacobi_generate, left_pad
+from cllm.files import write_json
+from cllm.generate import DecodeSettings, load_for_decoding
+from cllm.jacobi import JacobiResult, decode_batched, left_pad
+from cllm.models import context_length, eos_ids
+
+
+@dataclass(kw_only=True)
+class BenchSettings(DecodeSettings):
+    """`cllm bench`: greedy AR vs Jacobi on a prompt set.
+
+    Args:
+        prompts: a .jsonl file or a bundled set (humaneval, stdlib-code:test, ...).
+        prompt_field: field holding the prompt in a .jsonl file.
+        max_new_tokens: generation budget per prompt.
+        batch_size: prompts per batch (both decoders).
+        limit: use only the first K prompts.
+        output: write the result JSON here.
+    """
+
+    prompts: str
+    prompt_field: str = "prompt"
+    max_new_tokens: int = 128
+    batch_size: int = 1
+    limit: int | None = None
+    output: str | None = None
 
 
 def cut_at_eos(tokens: list[int], eos: list[int]) -> list[int]:
@@ -48,27 +72,17 @@ def greedy_ar(
     return [cut_at_eos(row[ids.shape[1] :].tolist(), eos) for row in out.cpu()]
 
 
-def in_batches(items: list, size: int):
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
-
-
 def timed_ar(model, prompts, batch_size, **kwargs) -> tuple[list[list[int]], float]:
     start = time.perf_counter()
-    tokens = [row for batch in in_batches(prompts, batch_size) for row in greedy_ar(model, batch, **kwargs)]
+    batches = [prompts[i : i + batch_size] for i in range(0, len(prompts), batch_size)]
+    tokens = [row for batch in batches for row in greedy_ar(model, batch, **kwargs)]
     return tokens, time.perf_counter() - start
 
 
 def timed_jacobi(model, prompts, batch_size, **kwargs) -> tuple[JacobiResult, float]:
     start = time.perf_counter()
-    results = [jacobi_generate(model, batch, **kwargs) for batch in in_batches(prompts, batch_size)]
-    seconds = time.perf_counter() - start
-    merged = JacobiResult(
-        tokens=[row for r in results for row in r.tokens],
-        accepted_per_pass=[row for r in results for row in r.accepted_per_pass],
-        n=kwargs["n"],
-    )
-    return merged, seconds
+    merged = decode_batched(model, prompts, batch_size=batch_size, **kwargs)
+    return merged, time.perf_counter() - start
 
 
 def compare(
@@ -80,14 +94,16 @@ def compare(
     max_new_tokens: int,
     batch_size: int,
     init: str = "context",
+    decoder: str = "jacobi",
 ) -> dict:
     """Run AR then Jacobi on the same prompts (after one warm-up call each) and return the figures."""
     eos = eos_ids(model, tokenizer)
     pad = tokenizer.pad_token_id
     ar_kwargs = {"max_new_tokens": max_new_tokens, "eos": eos, "pad_token_id": pad}
     jacobi_kwargs = {"n": n, "max_new_tokens": max_new_tokens, "eos_token_id": eos, "pad_token_id": pad, "init": init}
+    jacobi_kwargs["decoder"] = decoder
     greedy_ar(model, prompt_ids[:1], **{**ar_kwargs, "max_new_tokens": 4})  # warm-up: first-call costs are not speed
-    jacobi_generate(model, prompt_ids[:1], **{**jacobi_kwargs, "max_new_tokens": 4})
+    decode_batched(model, prompt_ids[:1], batch_size=1, **{**jacobi_kwargs, "max_new_tokens": 4})
     ar_tokens, ar_seconds = timed_ar(model, prompt_ids, batch_size, **ar_kwargs)
     jacobi, jacobi_seconds = timed_jacobi(model, prompt_ids, batch_size, **jacobi_kwargs)
     ar_count = sum(map(len, ar_tokens))
@@ -150,27 +166,10 @@ def format_table(result: dict) -> str:
     return "\n".join([header, *lines, footer])
 
 
-def write_json(path: Path, payload: dict) -> None:
-    """Write JSON atomically (temp file + rename): a killed run never leaves half a result."""
-    atomic_write_text(path, json.dumps(payload, indent=2) + "\n")
-
-
-def main(argv: list[str]) -> None:
-    parser = make_parser("cllm bench", __doc__)
-    add_model_arguments(parser)
-    parser.add_argument("--prompts", required=True, help="a .jsonl file or a bundled set (humaneval, ...)")
-    parser.add_argument("--prompt-field", default="prompt", help="field holding the prompt in a .jsonl file")
-    parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--limit", type=int, default=None, help="use only the first K prompts")
-    parser.add_argument("--output", type=Path, default=None, help="write the result JSON here")
-    args = parser.parse_args(argv)
+def bench(args: BenchSettings) -> None:
+    """Run AR and Jacobi on the prompt set, print the table, write the JSON."""
     if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
-        raise UserError("--batch-size and --limit must be >= 1")
-
-    from cllm.data_modules.prompts import encode_prompts, load_prompts
-    from cllm.models import context_length
-
+        raise UserError("--batch_size and --limit must be >= 1")
     prompts = load_prompts(args.prompts, prompt_field=args.prompt_field, limit=args.limit)
     model, tokenizer = load_for_decoding(args)
     prompt_ids = encode_prompts(tokenizer, prompts, args.chat_template, context_length(model), args.prompts)
@@ -203,5 +202,9 @@ def main(argv: list[str]) -> None:
     print(format_table(result))
     if args.output:
         result["outputs"] = outputs
-        write_json(args.output, result)
+        write_json(Path(args.output), result)
         print(f"wrote {args.output}")
+
+
+def main(argv: list[str]) -> None:
+    bench(parse_settings(BenchSettings, argv, "cllm bench", __doc__))

@@ -4,7 +4,9 @@
 (shard k holds prompts [k * shard_size, (k + 1) * shard_size); a shard file that exists is finished, so a
 restarted run redoes only the missing ones). `run_collection` runs it in-process, or through Lightning's
 `Trainer.predict` on every device and node (rank r takes shards r, r + W, ...), then writes the manifest on
-rank 0. `TrajectoryDataModule.prepare_data` calls the same `run_collection`.
+rank 0. `TrajectoryDataModule.prepare_data` calls the same `run_collection`. `main` is the entry point of
+`python -m cllm trajectories` (settings: `CollectConfig`); with `--import_official FILE` it converts the official
+CLLM JSON instead (`cllm.official_import`).
 """
 
 from __future__ import annotations
@@ -12,43 +14,104 @@ from __future__ import annotations
 import json
 import math
 import random
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
+from lightning.pytorch import LightningModule, Trainer
+from torch.utils.data import DataLoader
+from tqdm import tqdm
 
+from cllm.arguments import parse_settings
 from cllm.data_modules.prompts import encode_prompts, load_prompts
-from cllm.data_modules.records import (
+from cllm.errors import UserError
+from cllm.files import atomic_write_text
+from cllm.jacobi import INIT_STRATEGIES
+from cllm.models import context_length, eos_ids, load_model, model_fingerprint, tokenizer_fingerprint
+from cllm.official_import import import_official
+from cllm.records import (
     MANIFEST_NAME,
+    REPETITION_LIMIT,
     SHARD_PATTERN,
     Record,
-    atomic_write_text,
     longest_run,
-    shard_entry,
-    write_manifest,
+    write_dataset_manifest,
     write_shard,
 )
-from cllm.errors import UserError
-from cllm.jacobi import INIT_STRATEGIES
-from cllm.trajectory import (
-    REPETITION_LIMIT,
-    SETTINGS_NAME,
-    CollectConfig,
-    augment_states,
-    collect_trajectories,
-    row_seed,
-)
+from cllm.trajectory import augment_states, collect_trajectories
+
+SETTINGS_NAME = "collection.json"
+
+
+@dataclass
+class CollectConfig:
+    """`cllm trajectories`: settings of one trajectory collection (every field is a `--FIELD` flag).
+
+    Args:
+        model: model spec (`smollm2-135m`, `tiny`, a .gguf file, a local HF folder).
+        prompts: prompt source (`stdlib-code:train`, a .jsonl/.parquet file, a saved HF dataset folder).
+        output: dataset folder (manifest.json + shards); relative to the current folder.
+        n: block size (tokens refined in parallel).
+        max_new_tokens: generated tokens per prompt (the last block may run past it; records keep full blocks).
+        batch_size: prompts per forward pass.
+        limit: collect only the first `limit` prompts.
+        dtype: model dtype while collecting (float32, bfloat16, float16, float64).
+        init: initial guess of each block: `context` (tokens drawn from the prompt, official), `repeat`, `pad`.
+        seed: seed of the initial guesses (and of the augmentation).
+        chat_template: apply the tokenizer's chat template to prompts.
+        clean: drop records whose fixed point holds a run of >= 10 identical tokens (counted in the manifest).
+        augment: add augmented intermediate states (official CLLM augmentation, see docs/data.md).
+        labels: store ground-truth answer ids (prompts need an answer).
+        prompt_field: prompt column of a .jsonl/.parquet/HF dataset source.
+        answer_field: answer column (ground truth), if any.
+        shard_size: prompts per shard (the unit of resumption and of work split across ranks).
+        attn_implementation: `auto`, `sdpa`, `eager`, `flash_attention_2`.
+        accelerator: Lightning accelerator (`auto`, `cpu`, `gpu`).
+        devices: devices per node; more than 1 (or num_nodes > 1) runs through Lightning's Trainer.predict.
+        num_nodes: nodes.
+        import_official: path of an official CLLM trajectory JSON to convert instead of collecting.
+    """
+
+    model: str = "smollm2-135m"
+    prompts: str = "stdlib-code:train"
+    output: str = "trajectories"
+    n: int = 16
+    max_new_tokens: int = 256
+    batch_size: int = 8
+    limit: int | None = None
+    dtype: str = "float32"
+    init: Literal["context", "repeat", "pad"] = "context"
+    seed: int = 0
+    chat_template: bool = True
+    clean: bool = False
+    augment: bool = False
+    labels: bool = False
+    prompt_field: str = "prompt"
+    answer_field: str | None = None
+    shard_size: int = 64
+    attn_implementation: str = "auto"
+    accelerator: str = "auto"
+    devices: int = 1
+    num_nodes: int = 1
+    import_official: str | None = None
+
+
+def row_seed(seed: int, prompt_index: int) -> int:
+    """Seed of prompt `prompt_index`'s initial guesses: independent of batch, rank and interruptions."""
+    return seed * 1_000_003 + prompt_index
 
 
 class Collector:
     """One process's share of a collection: loads prompts and the model, writes the shards of its rank."""
 
     def __init__(self, config: CollectConfig, model=None, tokenizer=None, device: str = "cpu") -> None:
-        from cllm.models import context_length, load_model, model_fingerprint, tokenizer_fingerprint
-
         self.config = config
         self.folder = Path(config.output)
         if config.init not in INIT_STRATEGIES:
             raise UserError(f"--init {config.init!r} is not one of {INIT_STRATEGIES}")
+        if config.n < 1 or config.max_new_tokens < 1:
+            raise UserError(f"--n and --max_new_tokens must be >= 1 (got {config.n}, {config.max_new_tokens})")
         if model is None:
             model, tokenizer = load_model(
                 config.model, dtype=config.dtype, attn_implementation=config.attn_implementation, device=device
@@ -109,7 +172,7 @@ class Collector:
         config = self.config
         start, stop = index * config.shard_size, min((index + 1) * config.shard_size, len(self.prompts))
         records, dropped, tokens, batch_tokens = [], 0, 0, 0
-        eos = self.tokenizer.eos_token_id
+        eos = eos_ids(self.model, self.tokenizer)
         for batch_start in range(start, stop, config.batch_size):
             batch = range(batch_start, min(batch_start + config.batch_size, stop))
             blocks = collect_trajectories(
@@ -158,8 +221,6 @@ class Collector:
         return records, dropped
 
     def run(self, rank: int = 0, world_size: int = 1, show_progress: bool = True) -> None:
-        from tqdm import tqdm
-
         self.folder.mkdir(parents=True, exist_ok=True)
         self.check_settings()
         pending = self.pending_shards(rank, world_size)
@@ -169,47 +230,21 @@ class Collector:
                 self.collect_shard(index, bar)
 
 
-def write_dataset_manifest(folder: Path, settings: dict, extra: dict | None = None) -> dict:
-    """List every shard with its record count and sha256; sum the per-shard statistics (rank 0, at the end)."""
-    shards, stats = [], {"prompts": 0, "records": 0, "dropped_repetitive": 0, "generated_tokens": 0}
-    for path in sorted(folder.glob("shard-*.jsonl")):
-        shards.append(shard_entry(folder, path))
-        meta_path = path.with_suffix(".meta.json")
-        if meta_path.is_file():
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
-            stats["prompts"] += meta["prompts"][1] - meta["prompts"][0]
-            stats["dropped_repetitive"] += meta.get("dropped_repetitive", 0)
-            stats["generated_tokens"] += meta.get("tokens", 0)
-        stats["records"] += shards[-1]["records"]
-    extra = dict(extra or {})
-    stats.update(extra.pop("stats", {}))  # an import knows its prompt count without per-shard meta files
-    manifest = {**settings, **extra, "shards": shards, "stats": stats}
-    write_manifest(folder, manifest)
-    return manifest
+class CollectionModule(LightningModule):
+    """Lets `Trainer.predict` spread a collector's shards over every device and node."""
 
+    def __init__(self, collector: Collector) -> None:
+        super().__init__()
+        self.collector = collector
+        self.model = collector.model
 
-class _PredictCollector:
-    """Builds the LightningModule that lets `Trainer.predict` spread shards over every device and node."""
+    def predict_dataloader(self):
+        # Our own split (shard k goes to rank k mod world): a distributed sampler would pad with repeats.
+        pending = self.collector.pending_shards(self.global_rank, self.trainer.world_size)
+        return DataLoader(pending, batch_size=None, shuffle=False)
 
-    @staticmethod
-    def make(collector: Collector):
-        from lightning.pytorch import LightningModule
-        from torch.utils.data import DataLoader
-
-        class CollectionModule(LightningModule):
-            def __init__(self) -> None:
-                super().__init__()
-                self.model = collector.model
-
-            def predict_dataloader(self):
-                # Our own split (shard k goes to rank k mod world): a distributed sampler would pad with repeats.
-                pending = collector.pending_shards(self.global_rank, self.trainer.world_size)
-                return DataLoader(pending, batch_size=None, shuffle=False)
-
-            def predict_step(self, index, batch_idx):
-                collector.collect_shard(int(index))
-
-        return CollectionModule()
+    def predict_step(self, index, batch_idx):
+        self.collector.collect_shard(int(index))
 
 
 def run_collection(config: CollectConfig) -> dict:
@@ -221,8 +256,6 @@ def run_collection(config: CollectConfig) -> dict:
     if single:
         collector.run()
     else:
-        from lightning.pytorch import Trainer
-
         collector.folder.mkdir(parents=True, exist_ok=True)
         collector.check_settings()
         trainer = Trainer(
@@ -235,7 +268,7 @@ def run_collection(config: CollectConfig) -> dict:
             use_distributed_sampler=False,
             enable_progress_bar=True,
         )
-        trainer.predict(_PredictCollector.make(collector), return_predictions=False)
+        trainer.predict(CollectionModule(collector), return_predictions=False)
         trainer.strategy.barrier()
         if trainer.global_rank != 0:
             return {}
@@ -247,3 +280,12 @@ def run_collection(config: CollectConfig) -> dict:
         + (f"; cleaning dropped {stats['dropped_repetitive']} repetitive records" if config.clean else "")
     )
     return manifest
+
+
+def main(argv: list[str]) -> None:
+    """`python -m cllm trajectories --config C.yaml --model ... --prompts ... --output ...` (see CollectConfig)."""
+    config = parse_settings(CollectConfig, argv, "cllm trajectories", __doc__.splitlines()[0])
+    if config.import_official:
+        import_official(Path(config.import_official), config)
+        return
+    run_collection(config)

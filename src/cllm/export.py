@@ -9,15 +9,16 @@ weights; the folder gets safetensors + config + tokenizer and loads with `AutoMo
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from cllm.arguments import parse_settings
 from cllm.errors import UserError
 from cllm.models import load_model, resolve_dtype
 from cllm.safe_checkpoint import UNREADABLE, check_sharded_checkpoint, load_sharded, one_line
@@ -91,15 +92,29 @@ def export(ckpt: Path, output: Path, *, model_spec: str | None = None, dtype: st
     return output
 
 
+@dataclass(kw_only=True)
+class ExportSettings:
+    """`cllm export`: a Lightning checkpoint -> a Hugging Face model folder.
+
+    Args:
+        ckpt: Lightning checkpoint: .ckpt file or sharded folder.
+        output: Hugging Face folder to write.
+        model: base model spec (default: the one saved in the checkpoint).
+        dtype: dtype of the saved weights (default: the training dtype).
+        overwrite: replace an existing output folder.
+    """
+
+    ckpt: str
+    output: str
+    model: str | None = None
+    dtype: str | None = None
+    overwrite: bool = False
+
+
 def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="cllm export", description=__doc__.splitlines()[0])
-    parser.add_argument("--ckpt", required=True, type=Path, help="Lightning checkpoint: .ckpt file or sharded folder")
-    parser.add_argument("--output", required=True, type=Path, help="Hugging Face folder to write")
-    parser.add_argument("--model", default=None, help="base model spec (default: the one saved in the checkpoint)")
-    parser.add_argument("--dtype", default=None, help="dtype of the saved weights (default: the training dtype)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    args = parser.parse_args(argv)
-    if args.output.exists() and not args.overwrite:
-        raise UserError(f"output {args.output} exists; pass --overwrite to replace it")
-    out = export(args.ckpt, args.output, model_spec=args.model, dtype=args.dtype)
-    print(f"exported {args.ckpt} -> {out} (load with AutoModelForCausalLM.from_pretrained or --model {out})")
+    args = parse_settings(ExportSettings, argv, "cllm export", __doc__.splitlines()[0])
+    ckpt, output = Path(args.ckpt), Path(args.output)
+    if output.exists() and not args.overwrite:
+        raise UserError(f"output {output} exists; pass --overwrite to replace it")
+    out = export(ckpt, output, model_spec=args.model, dtype=args.dtype)
+    print(f"exported {ckpt} -> {out} (load with AutoModelForCausalLM.from_pretrained or --model {out})")

@@ -2,91 +2,96 @@
 
 from __future__ import annotations
 
-import argparse
 import time
+from dataclasses import dataclass
+from typing import Literal
 
+from transformers.utils import logging as hf_logging
+
+from cllm.arguments import parse_settings
+from cllm.data_modules.prompts import Prompt, encode_prompts
 from cllm.errors import UserError
+from cllm.jacobi import jacobi_generate
+from cllm.models import context_length, eos_ids, load_model
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags shared by generate and bench: model, dtype, device, block size, chat template."""
-    parser.add_argument("--model", required=True, help="smollm2-135m | path.gguf | HF folder | hub id | tiny[:k=v]")
-    parser.add_argument("--n", type=int, default=16, help="Jacobi block size (tokens refined per pass)")
-    parser.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 | float64")
-    parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:1 ...")
-    parser.add_argument("--attn-implementation", default="auto", help="auto | sdpa | eager | flash_attention_2")
-    parser.add_argument("--init", default="context", help="initial guess: context (official) | repeat | pad")
-    parser.add_argument("--no-chat-template", dest="chat_template", action="store_false", help="encode raw text")
-    parser.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (unsafe)")
+@dataclass(kw_only=True)
+class DecodeSettings:
+    """Settings shared by `generate` and `bench`: the model and how it decodes.
+
+    Args:
+        model: smollm2-135m | path.gguf | HF folder | hub id | tiny[:k=v].
+        n: Jacobi block size (tokens refined per pass).
+        dtype: float32 | bfloat16 | float16 | float64.
+        device: cpu | cuda | cuda:1 ...
+        attn_implementation: auto | sdpa | eager | flash_attention_2.
+        init: initial guess of fresh block positions: context (official) | repeat | pad.
+        chat_template: encode prompts through the tokenizer's chat template (`--no_chat_template`: raw text).
+        trust_remote_code: allow model code from the hub (unsafe).
+    """
+
+    model: str
+    n: int = 16
+    dtype: str = "float32"
+    device: str = "cpu"
+    attn_implementation: str = "auto"
+    init: Literal["context", "repeat", "pad"] = "context"
+    chat_template: bool = True
+    trust_remote_code: bool = False
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that raises UserError, so every bad flag reads like every other bad input."""
+@dataclass(kw_only=True)
+class GenerateSettings(DecodeSettings):
+    """`cllm generate`: Jacobi-decode one prompt.
 
-    def error(self, message: str) -> None:
-        raise UserError(message)
+    Args:
+        prompt: the prompt text.
+        max_new_tokens: generation budget.
+    """
+
+    prompt: str
+    max_new_tokens: int = 256
 
 
-def make_parser(prog: str, description: str) -> argparse.ArgumentParser:
-    return _Parser(prog=prog, description=description)
-
-
-def load_for_decoding(args: argparse.Namespace):
-    from transformers.utils import logging as hf_logging
-
-    from cllm.models import load_model
-
+def load_for_decoding(settings: DecodeSettings):
+    """(model, tokenizer) of `settings.model`, after checking the block size."""
     hf_logging.disable_progress_bar()
-    if args.n < 1:
-        raise UserError(f"--n must be >= 1, got {args.n}")
+    if settings.n < 1:
+        raise UserError(f"--n must be >= 1, got {settings.n}")
     return load_model(
-        args.model,
-        dtype=args.dtype,
-        attn_implementation=args.attn_implementation,
-        device=args.device,
-        trust_remote_code=args.trust_remote_code,
+        settings.model,
+        dtype=settings.dtype,
+        attn_implementation=settings.attn_implementation,
+        device=settings.device,
+        trust_remote_code=settings.trust_remote_code,
     )
 
 
-def eos_ids(model, tokenizer) -> list[int]:
-    """EOS ids from the generation config (may be several) and the tokenizer."""
-    ids = model.generation_config.eos_token_id
-    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
-        ids.append(tokenizer.eos_token_id)
-    return ids
-
-
-def main(argv: list[str]) -> None:
-    parser = make_parser("cllm generate", __doc__)
-    add_model_arguments(parser)
-    parser.add_argument("--prompt", required=True, help="the prompt text")
-    parser.add_argument("--max-new-tokens", type=int, default=256)
-    args = parser.parse_args(argv)
-
-    from cllm.data_modules.prompts import Prompt, encode_prompts
-    from cllm.jacobi import jacobi_generate
-    from cllm.models import context_length
-
-    model, tokenizer = load_for_decoding(args)
+def generate(settings: GenerateSettings) -> None:
+    """Decode `settings.prompt`, print the completion and its statistics."""
+    model, tokenizer = load_for_decoding(settings)
     (prompt_ids,) = encode_prompts(
-        tokenizer, [Prompt("prompt", args.prompt)], args.chat_template, context_length(model), "--prompt"
+        tokenizer, [Prompt("prompt", settings.prompt)], settings.chat_template, context_length(model), "--prompt"
     )
     start = time.perf_counter()
     result = jacobi_generate(
         model,
         [prompt_ids],
-        n=args.n,
-        max_new_tokens=args.max_new_tokens,
+        n=settings.n,
+        max_new_tokens=settings.max_new_tokens,
         eos_token_id=eos_ids(model, tokenizer),
         pad_token_id=tokenizer.pad_token_id,
-        init=args.init,
+        init=settings.init,
     )
     seconds = time.perf_counter() - start
     tokens = result.tokens[0]
     print(tokenizer.decode(tokens, skip_special_tokens=True))
     print(
-        f"[jacobi n={args.n}] {len(tokens)} tokens in {result.forward_passes[0]} decode passes: "
+        f"[jacobi n={settings.n}] {len(tokens)} tokens in {result.forward_passes[0]} decode passes: "
         f"{result.mean_accepted_tokens_per_step:.3f} accepted tokens/step (generated/passes, AR = 1.0), "
         f"{len(tokens) / seconds:.1f} tokens/s"
     )
+
+
+def main(argv: list[str]) -> None:
+    generate(parse_settings(GenerateSettings, argv, "cllm generate", __doc__))

@@ -10,6 +10,10 @@ known to be correct:
 pass commits at least one token that greedy AR would also have produced, so the output equals greedy AR
 token for token. The figure of merit is generated tokens / decode passes (prefill excluded): AR is 1.0.
 
+`jacobi_step` is that update alone; `jacobi_generate` is the loop around it (KV cache, budget, EOS, finished
+rows); `decode_batched` runs any decoder of `DECODERS` (or a callable with `jacobi_generate`'s signature) over a
+prompt list in batches and merges the results: bench, the accepted-tokens callback and the headline use it.
+
 Batched rows accept different lengths per pass. The cache stays rectangular: it keeps the slots up to
 the longest accepted run of the batch, and each row's rejected slots are masked out ("holes").
 Positions are logical (per row), so a hole never shifts the rotary positions of what follows.
@@ -18,8 +22,9 @@ Positions are logical (per row), so a hole never shifts the rotary positions of 
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
@@ -40,7 +45,11 @@ class JacobiResult:
     tokens: list[list[int]]
     accepted_per_pass: list[list[int]]
     n: int
-    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def concat(cls, results: Sequence[JacobiResult], n: int) -> JacobiResult:
+        """The rows of several results, in order, as one result."""
+        return cls([row for r in results for row in r.tokens], [row for r in results for row in r.accepted_per_pass], n)
 
     @property
     def forward_passes(self) -> list[int]:
@@ -64,13 +73,28 @@ def accepted_lengths(block: torch.Tensor, predictions: torch.Tensor) -> torch.Te
     return 1 + matches.cumprod(dim=-1).sum(dim=-1)
 
 
+def jacobi_step(block: torch.Tensor, predictions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One Jacobi update of a batch of blocks b [rows, n], given the predictions q = argmax over them [rows, n]:
+
+        a = 1 + max{k : b[i] == q[i-1] for all 1 <= i <= k};   commit b[:a];   next block = q[a-1:] + (a-1) guesses
+
+    Returns the accepted lengths a [rows], the next block's carried tokens [rows, n] and the mask of its slots
+    that need a fresh guess (the last a-1 of each row).
+    """
+    n = block.shape[1]
+    accepted = accepted_lengths(block, predictions)
+    index = accepted[:, None] - 1 + torch.arange(n)  # next block slot j takes q[a-1+j] while that exists
+    carried = predictions.gather(1, index.clamp(max=n - 1))
+    return accepted, carried, index >= n
+
+
 def initial_guess(
     prompts: Sequence[torch.Tensor], count: int, strategy: str, pad_token_id: int, generator: torch.Generator
 ) -> torch.Tensor:
     """Guesses for `count` block positions per row, shape [rows, count].
 
     `context` (the official CLLM choice) draws tokens uniformly from the row's prompt; `pad` fills with the
-    pad id; `repeat` is filled in by the caller with the known-correct token (here: pad, replaced later).
+    pad id. (`repeat`, the known-correct token again, needs that token: the callers fill it in themselves.)
     """
     if strategy == "context":
         rows = []
@@ -78,7 +102,9 @@ def initial_guess(
             picks = torch.randint(len(prompt), (count,), generator=generator)
             rows.append(prompt[picks])
         return torch.stack(rows) if rows else torch.empty(0, count, dtype=torch.long)
-    return torch.full((len(prompts), count), pad_token_id, dtype=torch.long)
+    if strategy == "pad":
+        return torch.full((len(prompts), count), pad_token_id, dtype=torch.long)
+    raise ValueError(f"initial_guess draws 'context' or 'pad' guesses, not {strategy!r}")
 
 
 @torch.no_grad()
@@ -146,7 +172,7 @@ def jacobi_generate(
             **cache_argument(model, cache),
         )
         predictions = out.logits.argmax(-1).cpu()
-        accepted = accepted_lengths(block, predictions)
+        accepted, carried, needs_guess = jacobi_step(block, predictions)
 
         finished = []
         for i, row in enumerate(rows):
@@ -171,10 +197,8 @@ def jacobi_generate(
         next_position = next_position + accepted
 
         # Next block: the known-correct token q[a-1], the later predictions q[a:], then fresh guesses.
-        index = accepted[:, None] - 1 + offsets
-        carried = predictions.gather(1, index.clamp(max=n - 1))
         fresh = _fill_block(carried[:, :1], n, [prompt_tensors[row] for row in rows], init, pad_token_id, generator)
-        block = torch.where(index < n, carried, fresh)
+        block = torch.where(needs_guess, fresh, carried)
 
         if finished:
             keep = [i for i in range(len(rows)) if i not in set(finished)]
@@ -188,6 +212,42 @@ def jacobi_generate(
                     block[keep_index],
                 )
     return JacobiResult(tokens, accepted_per_pass, n)
+
+
+Decoder = Callable[..., JacobiResult]
+# name -> decoder with jacobi_generate's signature (model, prompts, *, n, max_new_tokens, eos_token_id, ...)
+DECODERS: dict[str, Decoder] = {"jacobi": jacobi_generate}
+
+
+def decode_batched(
+    model: torch.nn.Module,
+    prompts: Sequence[Sequence[int]],
+    *,
+    batch_size: int,
+    decoder: str | Decoder = "jacobi",
+    min_batches: int = 0,
+    **decode_kwargs,
+) -> JacobiResult:
+    """Decode `prompts` in batches of `batch_size` with one decoder and merge the results in prompt order.
+
+    Args:
+        model: the causal LM.
+        prompts: token id lists.
+        batch_size: rows per decoder call.
+        decoder: a name in DECODERS or a callable with `jacobi_generate`'s signature.
+        min_batches: walk at least this many batches (the last ones empty): distributed callers pass the same
+            count on every rank so that, with `all_done`, every rank makes the same forward passes.
+        decode_kwargs: passed to the decoder (n, max_new_tokens, eos_token_id, pad_token_id, init, all_done, ...).
+    """
+    if isinstance(decoder, str):
+        if decoder not in DECODERS:
+            raise ValueError(f"unknown decoder {decoder!r}; choose one of {sorted(DECODERS)}")
+        decoder = DECODERS[decoder]
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    batches = max(math.ceil(len(prompts) / batch_size), min_batches)
+    results = [decoder(model, prompts[b * batch_size : (b + 1) * batch_size], **decode_kwargs) for b in range(batches)]
+    return JacobiResult.concat(results, decode_kwargs.get("n", 16))
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:

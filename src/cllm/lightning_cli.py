@@ -7,11 +7,14 @@ Model and data module are chosen by `class_path` in the config (subclass mode), 
 from __future__ import annotations
 
 import os
+import sys
 
 import yaml
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
-from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
+from cllm.arguments import normalize_flags, one_line, resolve_config_args
+from cllm.errors import UserError
 from cllm.safe_checkpoint import guard_checkpoint_loading
 from cllm.slurm import SLURMRequeue, check_slurm_layout
 
@@ -46,6 +49,21 @@ class CLLMLightningCLI(LightningCLI):
         guard_checkpoint_loading(trainer.strategy)  # `--ckpt_path` folders cannot run code; corrupt ones: one line
         return trainer
 
+    def init_parser(self, **kwargs) -> LightningArgumentParser:
+        kwargs.setdefault("exit_on_error", False)  # errors become one-line UserErrors in parse_arguments
+        return super().init_parser(**kwargs)
+
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        try:
+            super().parse_arguments(parser, args)
+        except Exception as err:  # jsonargparse's ArgumentError
+            if type(err).__name__ != "ArgumentError":
+                raise
+            argv = args if isinstance(args, list) else sys.argv[1:]
+            # the subcommand's parser holds the option types the message names
+            subcommand = getattr(self, "_subcommand_parsers", {}).get(argv[0] if argv else None, parser)
+            raise UserError(one_line(str(err), subcommand)) from None
+
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         check_slurm_layout(config.trainer.get("devices"), config.trainer.get("num_nodes"))
@@ -58,3 +76,10 @@ def default_wandb_save_dir(trainer_config) -> None:
     for logger in loggers if isinstance(loggers, list) else [loggers]:
         if getattr(logger, "class_path", None) == "cllm.tracking.WandbLogger" and not logger.init_args.get("save_dir"):
             logger.init_args.save_dir = str(trainer_config.get("default_root_dir") or os.getcwd())
+
+
+def run_lightning(argv: list[str]) -> None:
+    """`cllm fit|validate|test|predict ARGS`: config names resolved, both flag spellings, then LightningCLI."""
+    # LightningCLI reads sys.argv itself (passing args= too only earns a warning); show `cllm` as the program.
+    sys.argv = ["cllm", *normalize_flags(resolve_config_args(argv))]
+    CLLMLightningCLI()

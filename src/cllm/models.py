@@ -22,6 +22,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from cllm.errors import UserError
+from cllm.files import sha256_of
 from cllm.hardware import auto_dtype
 
 SMOLLM2_ALIAS = "smollm2-135m"
@@ -140,17 +141,9 @@ def smollm2_gguf_path() -> Path:
     return path
 
 
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def gguf_to_folder(gguf: Path) -> Path:
     """Dequantise a GGUF file once into a safetensors folder under the cache; later loads read that folder."""
-    target = cache_root() / "gguf" / f"{gguf.stem}-{file_sha256(gguf)[:16]}"
+    target = cache_root() / "gguf" / f"{gguf.stem}-{sha256_of(gguf)[:16]}"
     if (target / "config.json").is_file():
         return target
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -223,6 +216,17 @@ def build_tiny(
         torch.manual_seed(options["seed"])
         model = LlamaForCausalLM(config)
     return model, tokenizer
+
+
+def eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Every id that ends generation: the generation config's (Llama-3 and Qwen2.5 list several), then the
+    tokenizer's. The one source of EOS ids for collection, decoding, the callback, bench, generate and headline."""
+    generation_config = getattr(model, "generation_config", None)
+    ids = getattr(generation_config, "eos_token_id", None)
+    ids = [] if ids is None else [int(ids)] if isinstance(ids, int) else [int(i) for i in ids]
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(int(tokenizer.eos_token_id))
+    return ids
 
 
 def context_length(model: PreTrainedModel) -> int:

@@ -1,6 +1,6 @@
 """`CLLMModule`: consistency + AR training of a causal LM on Jacobi trajectories (Kou et al. 2024).
 
-    loss = consistency_weight * L_c + ar_weight * L_ar        (see `cllm.losses`)
+    loss = consistency_weight * L_c + ar_weight * L_ar        (which passes and losses: `cllm.objective`)
 
 The model is built in `configure_model` (so Lightning can shard it): under `ModelParallelStrategy` it is sharded
 with FSDP2 (`cllm.models.shard_fsdp2`: each decoder layer, then the root) over the data-parallel mesh.
@@ -18,7 +18,6 @@ import math
 import torch
 from lightning.pytorch import LightningModule
 
-from cllm import losses
 from cllm.errors import UserError
 from cllm.logit_table import needed_positions, sliced_forward
 from cllm.models import (
@@ -30,9 +29,7 @@ from cllm.models import (
     shard_fsdp2,
     tokenizer_fingerprint,
 )
-
-CONSISTENCY_KINDS = ("global", "local")
-AR_TARGETS = ("fixed_point", "labels")
+from cllm.objective import LossOptions, batch_losses
 
 
 class CLLMModule(LightningModule):
@@ -92,14 +89,16 @@ class CLLMModule(LightningModule):
         meta_init: bool = True,
     ) -> None:
         super().__init__()
-        if consistency not in CONSISTENCY_KINDS:
-            raise UserError(f"model.consistency must be one of {CONSISTENCY_KINDS}, not {consistency!r}")
-        if divergence not in losses.DIVERGENCES:
-            raise UserError(f"model.divergence must be one of {losses.DIVERGENCES}, not {divergence!r}")
-        if ar_target not in AR_TARGETS:
-            raise UserError(f"model.ar_target must be one of {AR_TARGETS}, not {ar_target!r}")
-        if consistency_weight == 0 and ar_weight == 0:
-            raise UserError("model.consistency_weight and model.ar_weight are both 0: nothing to train")
+        self.loss_options = LossOptions(
+            consistency=consistency,
+            divergence=divergence,
+            mask_before_mismatch=mask_before_mismatch,
+            consistency_weight=consistency_weight,
+            ar_weight=ar_weight,
+            ar_target=ar_target,
+            ar_mask_prompt=ar_mask_prompt,
+            label_smoothing=label_smoothing,
+        )
         # `n` stays out of the hparams: Lightning refuses module and data hparams that share a key with different
         # values, and n=None here means "the data module's n".
         self.save_hyperparameters(ignore=["n"])
@@ -217,140 +216,8 @@ class CLLMModule(LightningModule):
 
     # ---------------------------------------------------------------- losses
     def compute_losses(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The loss parts of one batch, with as few forward passes as the options allow.
-
-        Global consistency with the AR loss on the fixed point needs ONE forward pass with grad, over the student
-        input (ctx + s) and the AR input (ctx + y*) stacked into one batch of 2B rows. The global target
-        p_θ⁻(·|ctx, y*) is the same model at the same weights on the same input as the AR pass, so the AR pass's
-        logits, detached, are exactly the target: no separate no-grad pass is needed (the official trainer makes
-        three passes: student, target, AR). Local consistency adds one no-grad pass over ctx + s'; AR on labels adds
-        one pass with grad over the labels. Packed batches (`segment_starts` in the batch): `_packed_losses`.
-        """
-        if "segment_starts" in batch:
-            return self._packed_losses(batch)
-        hp = self.hparams
-        mask = batch["attention_mask"]
-        use_consistency = hp.consistency_weight != 0
-        use_ar = hp.ar_weight != 0
-        ar_on_fixed_point = use_ar and hp.ar_target == "fixed_point"
-        need_fixed_point = ar_on_fixed_point or (use_consistency and hp.consistency == "global")
-        zero = batch["input_ids"].new_zeros((), dtype=torch.float32)
-
-        grad_inputs = ([batch["input_ids"]] if use_consistency else []) + (
-            [batch["fixed_point_ids"]] if need_fixed_point else []
-        )
-        rows = mask.shape[0]
-        prompt_length = batch["prompt_length"] if hp.ar_mask_prompt else None
-        blocks = block_reads(batch["block_start"], self.n)
-        reads = [blocks] if use_consistency else []  # student rows first, then the fixed-point rows
-        if need_fixed_point:
-            offset = rows if use_consistency else 0
-            if use_consistency and hp.consistency == "global":
-                reads.append((blocks[0] + offset, blocks[1]))
-            if ar_on_fixed_point:
-                ar_rows, ar_positions = ar_reads(batch["fixed_point_ids"], mask, prompt_length)
-                reads.append((ar_rows + offset, ar_positions))
-        logits = None
-        if grad_inputs:
-            logits = self.logits(torch.cat(grad_inputs), torch.cat([mask] * len(grad_inputs)), reads=reads)
-        student_logits = logits[:rows] if use_consistency else None
-        fixed_point_logits = logits[-rows:] if need_fixed_point else None
-
-        consistency = zero
-        if use_consistency:
-            if hp.consistency == "global":
-                target_logits, target_ids = fixed_point_logits.detach(), batch["fixed_point_ids"]
-            else:
-                if "next_state_ids" not in batch:
-                    raise UserError("model.consistency=local needs next_state_ids: set data.init_args.next_state=true")
-                with torch.no_grad():
-                    target_logits = self.logits(batch["next_state_ids"], mask, reads=[blocks])
-                target_ids = batch["next_state_ids"]
-            consistency = losses.consistency_loss(
-                student_logits,
-                target_logits,
-                batch["block_start"],
-                self.n,
-                kind=hp.divergence,
-                state_ids=batch["input_ids"],
-                target_ids=target_ids,
-                mask_before_mismatch=hp.mask_before_mismatch,
-            )
-
-        ar = zero
-        if ar_on_fixed_point:
-            ar = losses.ar_loss(
-                fixed_point_logits,
-                batch["fixed_point_ids"],
-                mask,
-                prompt_length=prompt_length,
-                label_smoothing=hp.label_smoothing,
-            )
-        elif use_ar:
-            if "labels_ids" not in batch:
-                raise UserError("model.ar_target=labels needs labels_ids: set data.init_args.use_labels=true")
-            labels, labels_mask = batch["labels_ids"], batch["labels_attention_mask"]
-            labels_scored = labels_mask * (labels != -100)
-            label_reads = [ar_reads(labels.clamp(min=0), labels_scored, prompt_length)]
-            # -100 padding is masked; clamp keeps ids valid
-            label_logits = self.logits(labels.clamp(min=0), labels_mask, reads=label_reads)
-            ar = losses.ar_loss(
-                label_logits,
-                labels.clamp(min=0),
-                labels_scored,
-                prompt_length=prompt_length,
-                label_smoothing=hp.label_smoothing,
-            )
-        total = losses.total_loss(consistency, ar, consistency_weight=hp.consistency_weight, ar_weight=hp.ar_weight)
-        return {"loss": total, "consistency_loss": consistency, "ar_loss": ar}
-
-    def _packed_losses(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The loss parts of packed rows ctx + y* + s_1 + ... + s_k (`collate_packed`), in ONE forward pass.
-
-        Each segment sees only ctx and itself, at the positions it has unpacked, so the y* segment gives the AR
-        logits and the global target, and each state segment a student: the same numbers as unpacked rows.
-        """
-        hp = self.hparams
-        use_consistency, use_ar = hp.consistency_weight != 0, hp.ar_weight != 0
-        packed = "packed batches (data.init_args.state_strategy: pack) support"
-        if use_consistency and hp.consistency != "global":
-            raise UserError(f"{packed} model.consistency=global only, not {hp.consistency!r}")
-        if use_ar and hp.ar_target != "fixed_point":
-            raise UserError(f"{packed} model.ar_target=fixed_point only, not {hp.ar_target!r}")
-        ids = batch["input_ids"]
-        prompt_length = batch["prompt_length"] if hp.ar_mask_prompt else None
-        reads = []
-        if use_consistency:
-            segment_rows, _, logit_positions = losses.packed_segments(
-                batch["block_start"], batch["segment_starts"], self.n
-            )
-            reads += [block_reads(batch["block_start"], self.n), (segment_rows[:, None], logit_positions)]
-        if use_ar:
-            reads.append(ar_reads(ids, batch["fixed_point_mask"], prompt_length))
-        logits = self.logits(ids, batch["attention_mask"], batch["position_ids"], reads=reads)
-        zero = ids.new_zeros((), dtype=torch.float32)
-        consistency = zero
-        if use_consistency:
-            consistency = losses.packed_consistency_loss(
-                logits,
-                ids,
-                batch["block_start"],
-                batch["segment_starts"],
-                self.n,
-                kind=hp.divergence,
-                mask_before_mismatch=hp.mask_before_mismatch,
-            )
-        ar = zero
-        if use_ar:
-            ar = losses.ar_loss(
-                logits,
-                ids,
-                batch["fixed_point_mask"],  # the ctx + y* segment only: the unpacked AR row
-                prompt_length=prompt_length,
-                label_smoothing=hp.label_smoothing,
-            )
-        total = losses.total_loss(consistency, ar, consistency_weight=hp.consistency_weight, ar_weight=hp.ar_weight)
-        return {"loss": total, "consistency_loss": consistency, "ar_loss": ar}
+        """The loss parts of one batch (`cllm.objective.batch_losses` over this module's `logits`)."""
+        return batch_losses(self.logits, batch, self.loss_options, self.n)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         parts = self.compute_losses(batch)
@@ -411,21 +278,6 @@ def data_parallel_mesh(mesh):
             "data_parallel_size to the number of processes"
         )
     return mesh["data_parallel"]
-
-
-def block_reads(block_start: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rows [B, 1], positions [B, n]) of the logits that predict each row's block (`losses.block_logits`)."""
-    return torch.arange(block_start.shape[0], device=block_start.device)[:, None], losses.block_positions(
-        block_start, n
-    )
-
-
-def ar_reads(
-    input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_length: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rows [T], positions [T]) of the logits `losses.ar_loss` scores."""
-    rows, positions, _ = losses.scored_positions(losses.ar_labels(input_ids, attention_mask, prompt_length))
-    return rows, positions
 
 
 def real_tokens(batch: dict[str, torch.Tensor], n: int) -> int:

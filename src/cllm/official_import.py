@@ -5,10 +5,12 @@ That file is one JSON list with an entry per (prompt, block):
     data_id "data_7"            -> prompt_id
     jacobian_itr_id "itr_2"     -> block_index 2
     prompt_ids_len [L] or L     -> the original prompt is the first L tokens of prompt_ids
-    prompt_ids [[...]] or [...] -> prompt + the fixed points of earlier blocks (so prefix_ids = prompt_ids[L:])
-    answer_trajectory_ids       -> states (each maybe nested); the last is the fixed point. With the official
-                                   `use_aug`, augmented states sit at the front; they cannot be told apart and
-                                   are kept as ordinary states.
+    prompt_ids [[...]] or [...] -> prompt + the fixed points of earlier blocks (so prefix_ids = prompt_ids[L:]);
+                                   nested 3-4 deep in block 0 of the gsm8k/sharegpt files: every depth unwraps
+    answer_trajectory_ids       -> states (each maybe nested); the last is the fixed point. With `use_aug`,
+                                   files made before 2024-11-05 hold augmented states at the front (they cannot
+                                   be told apart and are kept as ordinary states); at HEAD the official code
+                                   corrects states in place.
     teacher_output_ids          -> prompt + prefix + fixed point (checked against the last state)
     labels_ids (optional)       -> prompt + ground-truth answer ids; we keep the answer part as `labels`
 
@@ -21,8 +23,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cllm.data_modules.records import SHARD_PATTERN, Record, read_json_file, sha256_of, write_shard
 from cllm.errors import UserError
+from cllm.files import read_json_file, sha256_of
+from cllm.models import load_tokenizer, tokenizer_fingerprint
+from cllm.records import MANIFEST_NAME, SHARD_PATTERN, Record, write_dataset_manifest, write_shard
 
 RECORDS_PER_SHARD = 10_000
 
@@ -72,10 +76,10 @@ def convert_entry(entry, where: str) -> tuple[Record, bool]:
 
 
 def import_official(path: Path, config) -> dict:
-    """Convert `path` into a dataset folder `config.output` (shards + manifest); returns the manifest."""
-    from cllm.collection import write_dataset_manifest
-    from cllm.models import load_tokenizer, tokenizer_fingerprint
+    """Convert `path` into a dataset folder `config.output` (shards + manifest); returns the manifest.
 
+    `config` is the collection's `CollectConfig` (its `model` and `output` are read).
+    """
     if not path.is_file():
         raise UserError(f"official trajectory file not found: {path}")
     entries = read_json_file(path)
@@ -96,7 +100,7 @@ def import_official(path: Path, config) -> dict:
         records.append(record)
         mismatches += mismatch
     folder = Path(config.output)
-    if (folder / "manifest.json").exists():
+    if (folder / MANIFEST_NAME).exists():
         raise UserError(f"{folder} already holds a dataset; choose another --output")
     for start in range(0, len(records), RECORDS_PER_SHARD):
         write_shard(
@@ -124,7 +128,7 @@ def import_official(path: Path, config) -> dict:
     }
     manifest = write_dataset_manifest(folder, settings, extra)
     print(
-        f"{folder / 'manifest.json'}: imported {len(records)} records of {len(blocks_per_prompt)} prompts (n={n})"
+        f"{folder / MANIFEST_NAME}: imported {len(records)} records of {len(blocks_per_prompt)} prompts (n={n})"
         + (f"; {mismatches} entries whose teacher_output_ids disagree with their last state" if mismatches else "")
     )
     return manifest

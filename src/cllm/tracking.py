@@ -16,6 +16,7 @@ In a config:
 
 from __future__ import annotations
 
+import csv
 import json
 import netrc
 import os
@@ -194,6 +195,24 @@ def _set(target: dict[str, Any], item: Any, value: Any) -> None:
     for key in keys[:-1]:
         target = target.setdefault(key, {})
     target[keys[-1]] = value
+
+
+def _number(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def read_metrics_csv(run_dir: Path) -> list[dict[str, float]]:
+    """Rows of every `metrics.csv` under `run_dir` (CSVLogger), oldest version first, empty cells dropped."""
+    files = sorted(run_dir.rglob("metrics.csv"), key=lambda p: p.stat().st_mtime)
+    rows = []
+    for file in files:
+        for row in csv.DictReader(file.open(newline="")):
+            values = {key: _number(value) for key, value in row.items() if key and value not in (None, "")}
+            rows.append({key: value for key, value in values.items() if value is not None})
+    return rows
 
 
 def read_offline_run(path: str | os.PathLike) -> OfflineRun:

@@ -9,77 +9,18 @@ next block's context is c + y*, and a prompt stops at EOS or after `max_new_toke
 After iteration t the first t tokens are final, so a block needs at most n + 1 passes.
 
 Every row draws its initial guesses from its own seeded generator, so its records depend neither on the batch,
-nor the rank, nor an interruption. `python -m cllm trajectories` (`main`) runs `cllm.collection.run_collection`
-(shards, resume, distribution, manifest) or the importer of the official CLLM JSON.
+nor the rank, nor an interruption. This module is the algorithm only (it imports only the decoder); running a
+collection (`python -m cllm trajectories`: settings, shards, resume, distribution, manifest) is `cllm.collection`.
 """
 
 from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 
-from cllm.errors import UserError
 from cllm.jacobi import INIT_STRATEGIES, cache_argument, initial_guess, prefill
-
-REPETITION_LIMIT = 10  # cleaning drops fixed points holding a run of this many identical tokens
-SETTINGS_NAME = "collection.json"
-
-
-@dataclass
-class CollectConfig:
-    """Settings of one trajectory collection (every field is a `cllm trajectories --FIELD` flag).
-
-    Args:
-        model: model spec (`smollm2-135m`, `tiny`, a .gguf file, a local HF folder).
-        prompts: prompt source (`stdlib-code:train`, a .jsonl/.parquet file, a saved HF dataset folder).
-        output: dataset folder (manifest.json + shards); relative to the current folder.
-        n: block size (tokens refined in parallel).
-        max_new_tokens: generated tokens per prompt (the last block may run past it; records keep full blocks).
-        batch_size: prompts per forward pass.
-        limit: collect only the first `limit` prompts.
-        dtype: model dtype while collecting (float32, bfloat16, float16, float64).
-        init: initial guess of each block: `context` (tokens drawn from the prompt, official), `repeat`, `pad`.
-        seed: seed of the initial guesses (and of the augmentation).
-        chat_template: apply the tokenizer's chat template to prompts.
-        clean: drop records whose fixed point holds a run of >= 10 identical tokens (counted in the manifest).
-        augment: add augmented intermediate states (official CLLM augmentation, see docs/data.md).
-        labels: store ground-truth answer ids (prompts need an answer).
-        prompt_field: prompt column of a .jsonl/.parquet/HF dataset source.
-        answer_field: answer column (ground truth), if any.
-        shard_size: prompts per shard (the unit of resumption and of work split across ranks).
-        attn_implementation: `auto`, `sdpa`, `eager`, `flash_attention_2`.
-        accelerator: Lightning accelerator (`auto`, `cpu`, `gpu`).
-        devices: devices per node; more than 1 (or num_nodes > 1) runs through Lightning's Trainer.predict.
-        num_nodes: nodes.
-        import_official: path of an official CLLM trajectory JSON to convert instead of collecting.
-    """
-
-    model: str = "smollm2-135m"
-    prompts: str = "stdlib-code:train"
-    output: str = "trajectories"
-    n: int = 16
-    max_new_tokens: int = 256
-    batch_size: int = 8
-    limit: int | None = None
-    dtype: str = "float32"
-    init: str = "context"
-    seed: int = 0
-    chat_template: bool = True
-    clean: bool = False
-    augment: bool = False
-    labels: bool = False
-    prompt_field: str = "prompt"
-    answer_field: str | None = None
-    shard_size: int = 64
-    attn_implementation: str = "auto"
-    accelerator: str = "auto"
-    devices: int = 1
-    num_nodes: int = 1
-    import_official: str | None = None
 
 
 @torch.no_grad()
@@ -101,9 +42,9 @@ def collect_trajectories(
     that row's initial guesses, so a row's trajectory does not depend on its batch.
     """
     if init not in INIT_STRATEGIES:
-        raise UserError(f"unknown init strategy {init!r}; choose one of {INIT_STRATEGIES}")
+        raise ValueError(f"unknown init strategy {init!r}; choose one of {INIT_STRATEGIES}")
     if n < 1 or max_new_tokens < 1:
-        raise UserError(f"n and max_new_tokens must be >= 1 (got n={n}, max_new_tokens={max_new_tokens})")
+        raise ValueError(f"n and max_new_tokens must be >= 1 (got n={n}, max_new_tokens={max_new_tokens})")
     eos_ids = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
     device = next(model.parameters()).device
     batch = len(prompts)
@@ -190,37 +131,3 @@ def augment_states(states: list[list[int]], rng: random.Random) -> list[list[int
             copy[i] = fixed_point[i]
         augmented.append(copy)
     return augmented
-
-
-def row_seed(seed: int, prompt_index: int) -> int:
-    return seed * 1_000_003 + prompt_index
-
-
-def main(argv: list[str]) -> None:
-    """`python -m cllm trajectories --config C.yaml --model ... --prompts ... --output ...` (see CollectConfig)."""
-    from jsonargparse import ActionConfigFile, ArgumentParser
-
-    parser = ArgumentParser(prog="cllm trajectories", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", action=ActionConfigFile, help="YAML file with any of the options below")
-    parser.add_class_arguments(CollectConfig, fail_untyped=True)
-    parsed = parser.parse_args(bare_flags_to_true(argv, ("chat_template", "clean", "augment", "labels")))
-    config = CollectConfig(**{name: parsed[name] for name in asdict(CollectConfig())})
-    from cllm.collection import run_collection
-
-    if config.import_official:
-        from cllm.official_import import import_official
-
-        import_official(Path(config.import_official), config)
-        return
-    run_collection(config)
-
-
-def bare_flags_to_true(argv: list[str], names: tuple[str, ...]) -> list[str]:
-    """Let `--clean` mean `--clean true` (jsonargparse booleans otherwise need a value)."""
-    result = []
-    for i, arg in enumerate(argv):
-        following = argv[i + 1] if i + 1 < len(argv) else "--"
-        if arg.startswith("--") and arg[2:] in names and following.startswith("--"):
-            arg += "=true"
-        result.append(arg)
-    return result

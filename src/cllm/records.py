@@ -1,6 +1,7 @@
-"""Trajectory records, JSONL shards and the dataset manifest.
+"""The dataset format, its one home: prompts in, trajectory records out, JSONL shards and the manifest.
 
-A dataset is a folder holding `manifest.json` and JSONL shards, one record per line and per block:
+A prompt (`Prompt`) is what a prompt source yields and a collection reads. A dataset is a folder holding
+`manifest.json` and JSONL shards, one record per line and per block:
 
     {"prompt_id": str, "block_index": int, "prompt_ids": [int], "prefix_ids": [int],
      "states": [[int] * n, ...], "labels": [int] | null, "augmented_states": [[int] * n] (optional)}
@@ -9,23 +10,36 @@ A dataset is a folder holding `manifest.json` and JSONL shards, one record per l
 `prompt_ids + prefix_ids` (the fixed points of the earlier blocks). `augmented_states` are extra non-final
 states made by the optional augmentation (they have no "next state"). Every reader goes through
 `parse_record`, so a bad line is reported as `file:line: field 'x': what is wrong`.
+
+The manifest (`write_dataset_manifest`, `read_manifest`) lists every shard with its record count and sha256, and
+the settings of the collection (n, model and tokenizer fingerprints, ...); training checks it (`check_tokenizer`).
+Collection (`cllm.collection`), the importer (`cllm.official_import`) and the data module all go through here.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from cllm.errors import UserError
+from cllm.files import atomic_write_text, count_lines, iter_lines, read_json_file, sha256_of
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 SHARD_PATTERN = "shard-{index:05d}.jsonl"
+REPETITION_LIMIT = 10  # cleaning drops fixed points holding a run of this many identical tokens
+
+
+@dataclass
+class Prompt:
+    """One prompt: a stable id, the text given to the model, an optional ground-truth answer, extra fields."""
+
+    id: str
+    text: str
+    answer: str | None = None
+    meta: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -108,41 +122,10 @@ def _list_or_empty(value, where: str, name: str) -> list:
     return value
 
 
-def iter_lines(path: Path) -> Iterator[tuple[int, str]]:
-    """(line number, line) for the non-blank lines of a text file, read lazily."""
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if line.strip():
-                yield number, line
-
-
 def read_records(path: Path, n: int | None = None) -> Iterator[Record]:
     """Stream the validated records of one shard."""
     for number, line in iter_lines(path):
         yield parse_record(line, f"{path}:{number}", n)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a file so that readers (and a killed writer) only ever see the old or the complete new content."""
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Temp file in the same folder + fsync + os.replace: never a half-written file under `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temp, 0o666 & ~umask)  # mkstemp makes 0600 files; datasets are shared like any other file
-        with os.fdopen(handle, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
 
 
 def write_shard(path: Path, records: Iterable[Record]) -> int:
@@ -152,36 +135,40 @@ def write_shard(path: Path, records: Iterable[Record]) -> int:
     return len(lines)
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def count_lines(path: Path) -> int:
-    return sum(1 for _ in iter_lines(path))
-
-
 def shard_entry(folder: Path, path: Path) -> dict:
     """Manifest entry of one shard: relative file name, record count and sha256."""
     return {"file": str(path.relative_to(folder)), "records": count_lines(path), "sha256": sha256_of(path)}
 
 
 def write_manifest(folder: Path, manifest: dict) -> Path:
+    """Write `manifest.json` (format version first) atomically; returns its path."""
     manifest = {"format_version": FORMAT_VERSION, **manifest}
     path = folder / MANIFEST_NAME
     atomic_write_text(path, json.dumps(manifest, indent=2) + "\n")
     return path
 
 
-def read_json_file(path: Path):
-    """Parse a whole JSON file; malformed JSON is a UserError naming file and line."""
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise UserError(f"{path}:{err.lineno}: malformed JSON ({err.msg})") from None
+def write_dataset_manifest(folder: Path, settings: dict, extra: dict | None = None) -> dict:
+    """List every shard with its record count and sha256; sum the per-shard statistics (rank 0, at the end).
+
+    `settings` are the collection's (n, model, fingerprints, ...); `extra` adds fields, and its `stats` replace
+    the summed ones (an import knows its prompt count without per-shard meta files).
+    """
+    shards, stats = [], {"prompts": 0, "records": 0, "dropped_repetitive": 0, "generated_tokens": 0}
+    for path in sorted(Path(folder).glob("shard-*.jsonl")):
+        shards.append(shard_entry(folder, path))
+        meta_path = path.with_suffix(".meta.json")
+        if meta_path.is_file():
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            stats["prompts"] += meta["prompts"][1] - meta["prompts"][0]
+            stats["dropped_repetitive"] += meta.get("dropped_repetitive", 0)
+            stats["generated_tokens"] += meta.get("tokens", 0)
+        stats["records"] += shards[-1]["records"]
+    extra = dict(extra or {})
+    stats.update(extra.pop("stats", {}))
+    manifest = {**settings, **extra, "shards": shards, "stats": stats}
+    write_manifest(Path(folder), manifest)
+    return manifest
 
 
 def read_manifest(folder: str | Path) -> dict:
@@ -202,17 +189,6 @@ def read_manifest(folder: str | Path) -> dict:
         if not (Path(folder) / shard["file"]).is_file():
             raise UserError(f"{path}: field 'shards[{i}]': shard file {shard['file']} is missing")
     return manifest
-
-
-def verify_checksums(folder: str | Path, manifest: dict) -> None:
-    """Compare every shard with its sha256 in the manifest (a full read; used by `cllm trajectories --verify`)."""
-    for i, shard in enumerate(manifest["shards"]):
-        actual = sha256_of(Path(folder) / shard["file"])
-        if shard.get("sha256") and actual != shard["sha256"]:
-            raise UserError(
-                f"{Path(folder) / MANIFEST_NAME}: shards[{i}] {shard['file']}: checksum {actual[:16]}... does not "
-                f"match the manifest ({shard['sha256'][:16]}...); the shard changed after collection"
-            )
 
 
 def check_tokenizer(manifest: dict, fingerprint: str, folder: str | Path, model: str) -> None:
