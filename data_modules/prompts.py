@@ -33,7 +33,14 @@ def load_prompts(
         prompts = BUNDLED[name](split or None)
     else:
         prompts = read_prompt_file(Path(source), prompt_field=prompt_field, answer_field=answer_field)
+        seen: set[str] = set()
+        for prompt in prompts:  # records and the validation split are keyed by it
+            if prompt.id in seen:
+                raise UserError(f"{source}: prompt id {prompt.id!r} appears twice; ids must be unique")
+            seen.add(prompt.id)
     if limit is not None:
+        if limit < 1:
+            raise UserError(f"--limit must be at least 1, not {limit}")
         prompts = prompts[:limit]
     if not prompts:
         raise UserError(f"prompt set {source!r} is empty" + (f" after --limit {limit}" if limit is not None else ""))
@@ -58,8 +65,12 @@ def read_prompt_file(path: Path, *, prompt_field: str = "prompt", answer_field: 
             f"{path}: unsupported prompt file type {path.suffix!r}; use .jsonl, .parquet or a dataset folder"
         )
     prompts = []
-    with open(path, encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
+    with open(path, "rb") as handle:
+        for line_number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise UserError(f"{path}:{line_number}: not valid UTF-8 (byte {err.start + 1} of the line)") from None
             if not line.strip():
                 continue
             try:
@@ -81,6 +92,8 @@ def prompt_from_row(row, where: str, default_id: str, prompt_field: str, answer_
     text = row.get(prompt_field)
     if not isinstance(text, str):
         raise UserError(f"{where}: field {prompt_field!r} missing or not a string")
+    if not text.strip():
+        raise UserError(f"{where}: field {prompt_field!r} is empty")
     answer = row.get(answer_field) if answer_field else None
     if answer_field and not isinstance(answer, str):
         raise UserError(f"{where}: field {answer_field!r} missing or not a string")
@@ -163,6 +176,8 @@ def encode_prompts(
     encoded = []
     for prompt in prompts:
         ids = encode_prompt(tokenizer, prompt.text, chat_template)
+        if not ids:
+            raise UserError(f"prompt {prompt.id!r}{f' in {source}' if source else ''} encodes to no tokens")
         if max_length is not None and len(ids) >= max_length:
             where = f" in {source}" if source else ""
             raise UserError(

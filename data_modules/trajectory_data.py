@@ -26,7 +26,15 @@ from cllm.data_modules.trajectory_stream import STATE_STRATEGIES, EpochDataLoade
 from cllm.errors import UserError
 from cllm.files import atomic_write_bytes, iter_lines, unit_hash
 from cllm.models import load_tokenizer, tokenizer_fingerprint
-from cllm.records import MANIFEST_NAME, check_tokenizer, parse_record, read_manifest
+from cllm.records import (
+    MANIFEST_NAME,
+    check_collection_settings,
+    check_token_ids,
+    check_tokenizer,
+    parse_record,
+    read_manifest,
+    verify_checksums,
+)
 
 
 class TrajectoryDataModule(LightningDataModule):
@@ -41,7 +49,9 @@ class TrajectoryDataModule(LightningDataModule):
         chat_template: apply the tokenizer's chat template to prompts (collection and validation prompts).
         n: block size; must match the dataset's.
         max_new_tokens: generated tokens per prompt when collecting.
+        init: initial guess of each block when collecting (`context`, official; `repeat`; `pad`).
         prompt_limit: collect only the first K prompts.
+        collect_shard_size: prompts per shard when collecting (the unit a killed collection resumes from).
         collect_batch_size: prompts per forward pass when collecting.
         collect_dtype: model dtype when collecting.
         batch_size: samples per training batch.
@@ -69,7 +79,9 @@ class TrajectoryDataModule(LightningDataModule):
         chat_template: bool = True,
         n: int = 16,
         max_new_tokens: int = 256,
+        init: str = "context",
         prompt_limit: int | None = None,
+        collect_shard_size: int = 64,
         collect_batch_size: int = 8,
         collect_dtype: str = "float32",
         batch_size: int = 4,
@@ -96,6 +108,16 @@ class TrajectoryDataModule(LightningDataModule):
             raise UserError(f"data.init_args.pack_states must be at least 1, not {pack_states}")
         if max_length <= n:
             raise UserError(f"max_length ({max_length}) must be larger than the block size n ({n})")
+        for key, value in (("n", n), ("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):
+            if value < 1:
+                raise UserError(f"data.init_args.{key} must be at least 1, not {value}")
+        if collect_shard_size < 1:
+            raise UserError(f"data.init_args.collect_shard_size must be at least 1, not {collect_shard_size}")
+        if n > max_new_tokens:
+            raise UserError(
+                f"data.init_args.n ({n}) is larger than data.init_args.max_new_tokens ({max_new_tokens}): "
+                "each prompt would give one block past its generation budget; set max_new_tokens >= n"
+            )
         # `model` stays out of the hparams: the module logs its own `model`, and Lightning refuses module and data
         # hparams that share a key with different values (training one model on another's trajectories is fine as
         # long as the tokenizers match). The trajectories' manifest and the saved config keep it.
@@ -120,6 +142,8 @@ class TrajectoryDataModule(LightningDataModule):
                 max_new_tokens=h.max_new_tokens,
                 batch_size=h.collect_batch_size,
                 limit=h.prompt_limit,
+                init=h.init,
+                shard_size=h.collect_shard_size,
                 dtype=h.collect_dtype,
                 seed=h.seed,
                 chat_template=h.chat_template,
@@ -138,6 +162,12 @@ class TrajectoryDataModule(LightningDataModule):
                 f"{self.path / 'manifest.json'}: the dataset has block size n={manifest['n']}, "
                 f"the data module n={self.n}; set data.init_args.n: {manifest['n']}"
             )
+        if "imported_from" not in manifest:  # an import was not made by any config: only tokenizer and n apply
+            h = self.hparams
+            asked = {"prompts": h.prompts, "max_new_tokens": h.max_new_tokens, "chat_template": h.chat_template}
+            check_collection_settings(manifest, {**asked, "init": h.init, "model": self.model}, self.path)
+        verify_checksums(self.path, manifest)
+        self.vocab_size = max(len(self.tokenizer), self.tokenizer.vocab_size)
         self.manifest = manifest
         self._scan()
 
@@ -190,6 +220,7 @@ class TrajectoryDataModule(LightningDataModule):
             lines = 0
             for number, line in iter_lines(path):
                 record = parse_record(line, f"{path}:{number}", self.n)
+                check_token_ids(record, self.vocab_size, f"{path}:{number}")
                 hashes.append(unit_hash(record.prompt_id))
                 counts.append(samples_per_record(record, h.state_strategy, h.next_state))
                 truncated += len(record.context) > h.max_length - self.n

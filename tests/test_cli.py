@@ -73,7 +73,7 @@ def test_bench_humaneval_prompt_set_loads():
     "argv, message",
     [
         (["generate", "--model", "no/such-model-xyz", "--prompt", "hi"], "unknown model spec"),
-        (["generate", "--model", "./missing-folder", "--prompt", "hi"], "not a model folder"),
+        (["generate", "--model", "./missing-folder", "--prompt", "hi"], "model folder not found"),
         (["bench", "--model", "tiny", "--prompts", "missing.jsonl"], "prompt file not found: missing.jsonl"),
         (["bench", "--model", "tiny", "--prompts", "EMPTY"], "is empty"),
         (["bench", "--model", "tiny:context=32", "--prompts", "LONG"], "longer than the model's context (32)"),

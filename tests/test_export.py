@@ -21,7 +21,7 @@ def tiny_checkpoint(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(folder)
         main(["fit", "--config", "tiny.yaml", "--trainer.max_steps=2", "--trainer.limit_val_batches=0"])
-    (checkpoint,) = glob.glob(str(folder / "runs" / "tiny" / "logs" / "*" / "checkpoints" / "*.ckpt"))
+    (checkpoint,) = glob.glob(str(folder / "runs" / "tiny" / "checkpoints" / "epoch=*.ckpt"))
     return folder, checkpoint
 
 

@@ -96,7 +96,7 @@ def test_two_rank_fsdp2_fit_completes_with_checkpoint(slurm: dict[str, str], wor
     assert "GLOBAL_RANK: 1, MEMBER: 2/2" in log and "Trainer.fit` stopped: `max_steps=6` reached" in log
     assert "ModelParallelStrategy" in (run_dir / "logs" / "version_0" / "config.yaml").read_text()
     # FSDP2 writes a sharded (distributed) checkpoint: a folder with one shard per rank and Lightning's meta.pt.
-    checkpoints = sorted((run_dir / "logs" / "version_0" / "checkpoints").glob("*.ckpt"))
+    checkpoints = sorted((run_dir / "checkpoints").glob("epoch=*.ckpt"))  # <default_root_dir>/checkpoints
     assert checkpoints, log[-4000:]
     assert sorted(p.name for p in checkpoints[-1].glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
     assert torch.load(checkpoints[-1] / "meta.pt", weights_only=True)["global_step"] >= 3
@@ -143,7 +143,7 @@ def test_requeue_resumes_at_the_saved_step(slurm: dict[str, str], workdir: Path)
     # The second attempt starts at the saved step (not 0) and finishes the run; the first stopped there.
     assert min(second) == saved_step and max(second) == max_steps - 1
     assert max(first) == saved_step - 1
-    assert list((run_dir / "logs" / "version_1" / "checkpoints").glob(f"*-step={max_steps}.ckpt"))
+    assert list((run_dir / "checkpoints").glob(f"*-step={max_steps}.ckpt"))
     # Both attempts wrote into the same W&B run (id derived from the job id).
     runs = [read_offline_run(p) for p in sorted(run_dir.glob("wandb/offline-run-*"))]
     assert len(runs) == 2 and {r.run_id for r in runs} == {runs[0].run_id} and runs[0].run_id.endswith(f"-{job}")

@@ -8,6 +8,7 @@ stderr and exit code 2.
 
 from __future__ import annotations
 
+import errno
 import sys
 from collections.abc import Callable
 
@@ -16,6 +17,8 @@ from cllm.errors import UserError
 from cllm.lightning_cli import run_lightning
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+# A read-only, full or forbidden output folder is the user's to fix: one line, not a traceback.
+ENVIRONMENT_ERRORS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 # command -> (its main(argv), one-line description)
 EXTRA_COMMANDS: dict[str, tuple[Callable[[list[str]], None], str]] = {
     "trajectories": (collection.main, "collect Jacobi trajectories of a model on a prompt set"),
@@ -57,4 +60,13 @@ def main(argv: list[str] | None = None) -> None:
             raise UserError(f"unknown command {command!r}; run `python -m cllm --help` for the list")
     except UserError as err:
         print(f"cllm {command}: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as err:
+        if err.errno not in ENVIRONMENT_ERRORS:
+            raise
+        where = f"{err.filename}: " if err.filename else ""
+        print(
+            f"cllm {command}: error: {where}{err.strerror} (check the folder's permissions and free space)",
+            file=sys.stderr,
+        )
         sys.exit(2)

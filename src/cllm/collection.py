@@ -11,6 +11,7 @@ CLLM JSON instead (`cllm.official_import`).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
@@ -102,16 +103,24 @@ def row_seed(seed: int, prompt_index: int) -> int:
     return seed * 1_000_003 + prompt_index
 
 
+def check_config(config: CollectConfig) -> None:
+    """Refuse impossible settings before a model is loaded or a file written."""
+    if config.init not in INIT_STRATEGIES:
+        raise UserError(f"--init {config.init!r} is not one of {INIT_STRATEGIES}")
+    for key in ("n", "max_new_tokens", "batch_size", "shard_size", "devices", "num_nodes"):
+        if getattr(config, key) < 1:
+            raise UserError(f"--{key} must be at least 1, not {getattr(config, key)}")
+    if config.limit is not None and config.limit < 1:
+        raise UserError(f"--limit must be at least 1, not {config.limit}")
+
+
 class Collector:
     """One process's share of a collection: loads prompts and the model, writes the shards of its rank."""
 
     def __init__(self, config: CollectConfig, model=None, tokenizer=None, device: str = "cpu") -> None:
         self.config = config
         self.folder = Path(config.output)
-        if config.init not in INIT_STRATEGIES:
-            raise UserError(f"--init {config.init!r} is not one of {INIT_STRATEGIES}")
-        if config.n < 1 or config.max_new_tokens < 1:
-            raise UserError(f"--n and --max_new_tokens must be >= 1 (got {config.n}, {config.max_new_tokens})")
+        check_config(config)  # before the model loads and before anything is written
         if model is None:
             model, tokenizer = load_model(
                 config.model, dtype=config.dtype, attn_implementation=config.attn_implementation, device=device
@@ -142,19 +151,48 @@ class Collector:
             "labels": config.labels,
             "shard_size": config.shard_size,
             "dtype": config.dtype,
+            "vocab_size": model.get_input_embeddings().num_embeddings,
+            # per shard: a digest of its prompts' ids and token ids, so a resumed run cannot mix two prompt sets
+            "prompt_digests": [self._digest(k) for k in range(self.shard_count)],
         }
+        limit = self.settings["vocab_size"]
+        for prompt, ids in zip(self.prompts, self.prompt_ids):
+            if max(ids) >= limit:
+                raise UserError(
+                    f"prompt {prompt.id!r} of {config.prompts} has token id {max(ids)}, beyond the model's "
+                    f"{limit} embeddings: the tokenizer does not belong to this model"
+                )
+
+    def _digest(self, index: int) -> str:
+        start, stop = index * self.config.shard_size, (index + 1) * self.config.shard_size
+        rows = [[p.id, ids, p.answer] for p, ids in zip(self.prompts[start:stop], self.prompt_ids[start:stop])]
+        return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]
 
     def check_settings(self) -> None:
-        """A resumed run must use the settings of the first one, else its shards would mix two datasets."""
+        """A resumed run must use the settings of the first one, else its shards would mix two datasets.
+
+        Settings of a run that wrote no shard yet (it failed first) are simply replaced.
+        """
         path = self.folder / SETTINGS_NAME
-        if path.is_file():
+        started = any(self.folder.glob("shard-*.jsonl"))
+        if path.is_file() and started:
             previous = json.loads(path.read_text(encoding="utf-8"))
-            changed = {k: (previous.get(k), v) for k, v in self.settings.items() if previous.get(k) != v}
+            # a key the first run did not record (an older cllm) cannot be compared
+            changed = {k: (previous[k], v) for k, v in self.settings.items() if k in previous and previous[k] != v}
+            digests = changed.pop("prompt_digests", None)
             if changed:
                 detail = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
                 raise UserError(
                     f"{path}: {self.folder} holds a collection with other settings ({detail}); "
                     "use another --output or delete the folder"
+                )
+            if digests:
+                shard = next((k for k, (old, new) in enumerate(zip(*digests)) if old != new), 0)
+                size = self.config.shard_size
+                raise UserError(
+                    f"{path}: the prompts of shard {shard} (prompts {shard * size}..{(shard + 1) * size - 1} of "
+                    f"{self.config.prompts}) changed since this collection started; resuming would mix two prompt "
+                    "sets: use another --output or delete the folder"
                 )
         else:
             atomic_write_text(path, json.dumps(self.settings, indent=2) + "\n")

@@ -21,7 +21,7 @@ import torch
 from cllm.arguments import parse_settings
 from cllm.errors import UserError
 from cllm.models import load_model, resolve_dtype
-from cllm.safe_checkpoint import UNREADABLE, check_sharded_checkpoint, load_sharded, one_line
+from cllm.safe_checkpoint import UNREADABLE, check_sharded_checkpoint, exception_line, load_sharded
 
 META_FILE = "meta.pt"  # Lightning's metadata file inside a sharded checkpoint folder
 PREFIX = "model."  # CLLMModule keeps the HF model as `self.model`
@@ -39,7 +39,7 @@ def read_metadata(ckpt: Path) -> dict:
     try:
         return torch.load(ckpt, weights_only=True, map_location="cpu", mmap=True)
     except Exception as err:  # truncated zip, not a checkpoint, a pickle with forbidden globals
-        raise UserError(f"{ckpt}: {UNREADABLE}: {one_line(err)}") from None
+        raise UserError(f"{ckpt}: {UNREADABLE}: {exception_line(err)}") from None
 
 
 def load_trained_weights(model: torch.nn.Module, ckpt: Path, metadata: dict) -> None:

@@ -25,10 +25,13 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(temp, 0o666 & ~umask)  # mkstemp makes 0600 files; datasets are shared like any other file
-        with os.fdopen(handle, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
+        try:
+            with os.fdopen(handle, "wb") as out:
+                out.write(data)
+                out.flush()
+                os.fsync(out.fileno())
+        except OSError as err:  # a full disk: name the file, not just the errno
+            raise OSError(err.errno, err.strerror, str(path)) from err
         os.replace(temp, path)
     except BaseException:
         Path(temp).unlink(missing_ok=True)

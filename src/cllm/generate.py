@@ -56,8 +56,7 @@ class GenerateSettings(DecodeSettings):
 def load_for_decoding(settings: DecodeSettings):
     """(model, tokenizer) of `settings.model`, after checking the block size."""
     hf_logging.disable_progress_bar()
-    if settings.n < 1:
-        raise UserError(f"--n must be >= 1, got {settings.n}")
+    check_decoding_settings(settings)
     return load_model(
         settings.model,
         dtype=settings.dtype,
@@ -65,6 +64,20 @@ def load_for_decoding(settings: DecodeSettings):
         device=settings.device,
         trust_remote_code=settings.trust_remote_code,
     )
+
+
+def check_decoding_settings(settings: DecodeSettings) -> None:
+    """Refuse impossible decoding settings before a model loads."""
+    import torch
+
+    if settings.n < 1:
+        raise UserError(f"--n must be >= 1, got {settings.n}")
+    budget = getattr(settings, "max_new_tokens", 1)
+    if budget < 1:
+        raise UserError(f"--max_new_tokens must be >= 1, got {budget}")
+    if str(settings.device).startswith("cuda") and not torch.cuda.is_available():
+        build = "a CPU build of torch" if torch.version.cuda is None else "no visible CUDA device"
+        raise UserError(f"--device {settings.device}: CUDA is not available ({build}); use --device cpu")
 
 
 def generate(settings: GenerateSettings) -> None:

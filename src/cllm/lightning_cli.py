@@ -7,15 +7,19 @@ Model and data module are chosen by `class_path` in the config (subclass mode), 
 from __future__ import annotations
 
 import os
+import pickle
+import re
 import sys
 
 import yaml
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from cllm.arguments import normalize_flags, one_line, resolve_config_args
 from cllm.errors import UserError
-from cllm.safe_checkpoint import guard_checkpoint_loading
+from cllm.safe_checkpoint import UNREADABLE, exception_line, guard_checkpoint_loading
 from cllm.slurm import SLURMRequeue, check_slurm_layout
 
 
@@ -44,9 +48,29 @@ class CLLMLightningCLI(LightningCLI):
         kwargs["trainer_defaults"] = defaults
         super().__init__(LightningModule, LightningDataModule, args=args, **kwargs)
 
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except ValueError as err:  # jsonargparse wraps an error raised in a class's __init__ (Optional[...] types)
+            cause = err
+            while cause is not None and not isinstance(cause, UserError):
+                cause = cause.__cause__ or cause.__context__
+            if cause is None:
+                raise
+            raise cause from None
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads a `--ckpt_path` file's hyperparameters while parsing: a corrupt file is one line too.
+        try:
+            super()._parse_ckpt_path()
+        except (pickle.UnpicklingError, EOFError, RuntimeError, OSError) as err:
+            ckpt_path = self.config[self.config.subcommand].get("ckpt_path")
+            raise UserError(f"{ckpt_path}: {UNREADABLE}: {exception_line(err)}") from None
+
     def instantiate_trainer(self, **kwargs) -> Trainer:
         trainer = super().instantiate_trainer(**kwargs)
         guard_checkpoint_loading(trainer.strategy)  # `--ckpt_path` folders cannot run code; corrupt ones: one line
+        pin_checkpoint_folders(trainer)
         return trainer
 
     def init_parser(self, **kwargs) -> LightningArgumentParser:
@@ -62,12 +86,36 @@ class CLLMLightningCLI(LightningCLI):
             argv = args if isinstance(args, list) else sys.argv[1:]
             # the subcommand's parser holds the option types the message names
             subcommand = getattr(self, "_subcommand_parsers", {}).get(argv[0] if argv else None, parser)
-            raise UserError(one_line(str(err), subcommand)) from None
+            raise UserError(nested_class_error(str(err)) or one_line(str(err), subcommand)) from None
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         check_slurm_layout(config.trainer.get("devices"), config.trainer.get("num_nodes"))
         default_wandb_save_dir(config.trainer)
+
+
+def nested_class_error(message: str) -> str | None:
+    """jsonargparse's error for a bad value inside a class block (`--model.init_args.lr=abc`) nests the reason in
+    a list of union subtypes; keep the innermost key and reason (None for other errors)."""
+    text = " ".join(message.split())
+    keys = re.findall(r'Parser key "([^"]+)": ', text)
+    if len(keys) < 2 or "Problem with given class_path" not in text:
+        return None
+    reason = text.rsplit(f'Parser key "{keys[-1]}": ', 1)[1].split(" - ")[0]
+    return f"--{keys[0]}.init_args.{keys[-1]}: {reason}"
+
+
+def pin_checkpoint_folders(trainer: Trainer) -> None:
+    """Checkpoints without a `dirpath` go to `<default_root_dir>/checkpoints` with a `last.ckpt` link to the newest.
+
+    Lightning's default folder is the logger's `version_N/checkpoints`, and a new run looks in `version_N+1`, so
+    `--ckpt_path last` found nothing and silently restarted at step 0.
+    """
+    for callback in trainer.checkpoint_callbacks:
+        if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:
+            callback.dirpath = os.path.realpath(os.path.join(trainer.default_root_dir, "checkpoints"))
+            if callback.save_last is None:
+                callback.save_last = "link"
 
 
 def default_wandb_save_dir(trainer_config) -> None:
@@ -82,4 +130,7 @@ def run_lightning(argv: list[str]) -> None:
     """`cllm fit|validate|test|predict ARGS`: config names resolved, both flag spellings, then LightningCLI."""
     # LightningCLI reads sys.argv itself (passing args= too only earns a warning); show `cllm` as the program.
     sys.argv = ["cllm", *normalize_flags(resolve_config_args(argv))]
-    CLLMLightningCLI()
+    try:
+        CLLMLightningCLI()
+    except MisconfigurationException as err:  # Lightning's word for a setting that cannot work (one line here)
+        raise UserError(exception_line(err)) from None

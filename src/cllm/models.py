@@ -125,8 +125,13 @@ def _local_folder(spec: str) -> str:
         if not (path / "config.json").is_file():
             raise UserError(f"model folder {spec} has no config.json (expected a Hugging Face model folder)")
         return str(path)
-    if path.suffix in {".json", ".bin", ".safetensors", ".pt", ".ckpt"} or spec.startswith(("/", "./", "../")):
-        raise UserError(f"model spec {spec!r} is not a model folder or .gguf file (does the path exist?)")
+    if path.suffix in {".json", ".bin", ".safetensors", ".pt", ".ckpt"}:
+        raise UserError(f"model spec {spec!r} is not a model folder or .gguf file")
+    # A hub id is `org/name`; anything else with a slash, or whose first part is a local folder, is a path: fail at
+    # once instead of retrying the hub.
+    first = spec.split("/")[0]
+    if spec.startswith(("/", "./", "../", "~")) or spec.count("/") > 1 or ("/" in spec and Path(first).is_dir()):
+        raise UserError(f"model folder not found: {spec}")
     return spec
 
 

@@ -43,6 +43,11 @@ class LossOptions:
             raise UserError(f"model.divergence must be one of {losses.DIVERGENCES}, not {self.divergence!r}")
         if self.ar_target not in AR_TARGETS:
             raise UserError(f"model.ar_target must be one of {AR_TARGETS}, not {self.ar_target!r}")
+        for key in ("consistency_weight", "ar_weight"):
+            if getattr(self, key) < 0:
+                raise UserError(f"model.init_args.{key} must not be negative, not {getattr(self, key)}")
+        if not 0 <= self.label_smoothing < 1:
+            raise UserError(f"model.init_args.label_smoothing must be in [0, 1), not {self.label_smoothing}")
         if self.consistency_weight == 0 and self.ar_weight == 0:
             raise UserError("model.consistency_weight and model.ar_weight are both 0: nothing to train")
 

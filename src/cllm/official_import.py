@@ -26,7 +26,7 @@ from pathlib import Path
 from cllm.errors import UserError
 from cllm.files import read_json_file, sha256_of
 from cllm.models import load_tokenizer, tokenizer_fingerprint
-from cllm.records import MANIFEST_NAME, SHARD_PATTERN, Record, write_dataset_manifest, write_shard
+from cllm.records import MANIFEST_NAME, SHARD_PATTERN, Record, check_token_ids, write_dataset_manifest, write_shard
 
 RECORDS_PER_SHARD = 10_000
 
@@ -40,8 +40,9 @@ def flatten(value, where: str, field: str) -> list[int]:
     return value
 
 
-def convert_entry(entry, where: str) -> tuple[Record, bool]:
-    """One official entry -> our record; the flag says whether teacher_output_ids disagreed with the last state."""
+def convert_entry(entry, where: str) -> tuple[Record, bool, bool]:
+    """One official entry -> our record, whether teacher_output_ids disagreed with the last state, and whether
+    labels_ids did not start with the prompt (then the record has no labels)."""
     if not isinstance(entry, dict):
         raise UserError(f"{where}: expected a JSON object")
     for field in ("data_id", "jacobian_itr_id", "prompt_ids_len", "prompt_ids", "answer_trajectory_ids"):
@@ -65,14 +66,16 @@ def convert_entry(entry, where: str) -> tuple[Record, bool]:
     for i, state in enumerate(states):
         if len(state) != n:
             raise UserError(f"{where}: field 'answer_trajectory_ids[{i}]' has {len(state)} tokens, the fixed point {n}")
-    labels = None
+    labels, bad_labels = None, False
     if entry.get("labels_ids") is not None:
-        labels = flatten(entry["labels_ids"], where, "labels_ids")[length:]
+        labels = flatten(entry["labels_ids"], where, "labels_ids")
+        bad_labels = labels[:length] != full[:length]
+        labels = None if bad_labels else labels[length:]
     mismatch = False
     if entry.get("teacher_output_ids") is not None:
         mismatch = flatten(entry["teacher_output_ids"], where, "teacher_output_ids")[-n:] != states[-1]
     record = Record(str(entry["data_id"]), int(itr[4:]), full[:length], full[length:], states, labels)
-    return record, mismatch
+    return record, mismatch, bad_labels
 
 
 def import_official(path: Path, config) -> dict:
@@ -82,15 +85,21 @@ def import_official(path: Path, config) -> dict:
     """
     if not path.is_file():
         raise UserError(f"official trajectory file not found: {path}")
+    folder = Path(config.output)
+    if folder.exists() and any(folder.iterdir()):  # else the manifest would list files that are not this import
+        raise UserError(f"--output {folder} is not empty; import into a new or empty folder")
+    tokenizer = load_tokenizer(config.model)
+    vocab_size = max(len(tokenizer), tokenizer.vocab_size)
     entries = read_json_file(path)
     if not isinstance(entries, list) or not entries:
         raise UserError(f"{path}: expected a non-empty JSON list of trajectory entries")
-    records, mismatches, n = [], 0, None
+    records, mismatches, bad_labels, n = [], 0, 0, None
     for i, entry in enumerate(entries):
         where = f"{path}: entry {i}" + (
             f" ({entry.get('data_id')}, {entry.get('jacobian_itr_id')})" if isinstance(entry, dict) else ""
         )
-        record, mismatch = convert_entry(entry, where)
+        record, mismatch, bad = convert_entry(entry, where)
+        check_token_ids(record, vocab_size, where)
         n = n or len(record.fixed_point)
         if len(record.fixed_point) != n:
             raise UserError(
@@ -99,9 +108,7 @@ def import_official(path: Path, config) -> dict:
             )
         records.append(record)
         mismatches += mismatch
-    folder = Path(config.output)
-    if (folder / MANIFEST_NAME).exists():
-        raise UserError(f"{folder} already holds a dataset; choose another --output")
+        bad_labels += bad
     for start in range(0, len(records), RECORDS_PER_SHARD):
         write_shard(
             folder / SHARD_PATTERN.format(index=start // RECORDS_PER_SHARD), records[start : start + RECORDS_PER_SHARD]
@@ -112,7 +119,8 @@ def import_official(path: Path, config) -> dict:
     settings = {
         "model": config.model,
         "model_fingerprint": None,
-        "tokenizer_fingerprint": tokenizer_fingerprint(load_tokenizer(config.model)),
+        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+        "vocab_size": vocab_size,
         "n": n,
         "max_new_tokens": max(blocks_per_prompt.values()) * n,
         "init": "context (official)",
@@ -123,12 +131,22 @@ def import_official(path: Path, config) -> dict:
         "labels": any(r.labels is not None for r in records),
     }
     extra = {
-        "imported_from": {"file": str(path), "sha256": sha256_of(path), "teacher_output_mismatches": mismatches},
+        "imported_from": {
+            "file": str(path),
+            "sha256": sha256_of(path),
+            "teacher_output_mismatches": mismatches,
+            "labels_not_starting_with_the_prompt": bad_labels,
+        },
         "stats": {"prompts": len(blocks_per_prompt)},
     }
     manifest = write_dataset_manifest(folder, settings, extra)
     print(
         f"{folder / MANIFEST_NAME}: imported {len(records)} records of {len(blocks_per_prompt)} prompts (n={n})"
         + (f"; {mismatches} entries whose teacher_output_ids disagree with their last state" if mismatches else "")
+        + (
+            f"; warning: {bad_labels} labels_ids do not start with the prompt (imported without labels)"
+            if bad_labels
+            else ""
+        )
     )
     return manifest

@@ -191,6 +191,41 @@ def read_manifest(folder: str | Path) -> dict:
     return manifest
 
 
+CHECKSUM_CACHE = ".checksums.json"  # per shard: size, mtime_ns and the sha256 they were hashed to
+
+
+def verify_checksums(folder: str | Path, manifest: dict) -> None:
+    """Compare every shard with its sha256 in the manifest; a shard whose size and mtime match the last verified
+    ones (cached in `.checksums.json` beside it) is not read again, so a restart costs a stat per shard."""
+    folder = Path(folder)
+    cache_path = folder / CHECKSUM_CACHE
+    try:
+        cache = json.loads(cache_path.read_text(encoding="utf-8")) if cache_path.is_file() else {}
+    except (OSError, ValueError):
+        cache = {}
+    verified = {}
+    for i, shard in enumerate(manifest["shards"]):
+        expected = shard.get("sha256")
+        if not expected:  # a hand-written manifest may list none: nothing to compare
+            continue
+        path = folder / shard["file"]
+        stat = path.stat()
+        key = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": expected}
+        if cache.get(shard["file"]) != key:
+            actual = sha256_of(path)
+            if actual != expected:
+                raise UserError(
+                    f"{folder / MANIFEST_NAME}: shards[{i}] {shard['file']}: checksum {actual[:16]}... does not "
+                    f"match the manifest ({expected[:16]}...); the shard changed after collection: collect it again"
+                )
+        verified[shard["file"]] = key
+    if verified != cache:
+        try:  # a read-only dataset folder only costs the next run another read
+            atomic_write_text(cache_path, json.dumps(verified) + "\n")
+        except OSError:
+            pass
+
+
 def check_tokenizer(manifest: dict, fingerprint: str, folder: str | Path, model: str) -> None:
     """Training refuses data made with another tokenizer: token ids would mean different things."""
     if manifest["tokenizer_fingerprint"] != fingerprint:
@@ -199,6 +234,37 @@ def check_tokenizer(manifest: dict, fingerprint: str, folder: str | Path, model:
             f"(model {manifest.get('model', '?')!r}) differs from the tokenizer of model {model!r} ({fingerprint}); "
             "collect the trajectories again with this model or train the model they were collected with"
         )
+
+
+def check_collection_settings(manifest: dict, asked: dict, folder: str | Path) -> None:
+    """Refuse a dataset collected with other settings than the config asks (a value the manifest lacks passes)."""
+    for key, value in asked.items():
+        stored = manifest.get(key)
+        if key == "model" and stored is not None and _same_model(stored, value):
+            continue
+        if key in manifest and stored != value:
+            raise UserError(
+                f"{Path(folder) / MANIFEST_NAME}: collected with {key} = {stored!r}, the config asks {value!r}; set "
+                f"data.init_args.{key}: {stored!r} to train on these trajectories, or a new data.init_args.path to "
+                "collect into"
+            )
+
+
+def _same_model(stored: str, asked: str) -> bool:
+    """Two model specs name the same model: equal, or the same existing path however it is spelled."""
+    if stored == asked:
+        return True
+    return Path(stored).exists() and Path(asked).exists() and Path(stored).resolve() == Path(asked).resolve()
+
+
+def check_token_ids(record: Record, vocab_size: int, where: str) -> None:
+    """Every token id of a record must exist in the vocabulary (else training fails deep inside the embedding)."""
+    lists = [record.prompt_ids, record.prefix_ids, *record.states, *record.augmented_states, record.labels or []]
+    largest = max((max(ids) for ids in lists if ids), default=0)
+    smallest = min((min(ids) for ids in lists if ids), default=0)
+    if largest >= vocab_size or smallest < 0:
+        bad = largest if largest >= vocab_size else smallest
+        raise UserError(f"{where}: token id {bad} is outside the vocabulary (0..{vocab_size - 1}) of the tokenizer")
 
 
 def longest_run(tokens: list[int]) -> int:

@@ -75,7 +75,7 @@ def read_metadata(folder: Path) -> Metadata:
         with path.open("rb") as file:
             metadata = _MetadataUnpickler(file).load()
     except Exception as err:
-        raise UserError(f"{path}: refused to load this checkpoint index: {one_line(err)}") from None
+        raise UserError(f"{path}: refused to load this checkpoint index: {exception_line(err)}") from None
     if not isinstance(metadata, Metadata):
         raise UserError(f"{path}: not a checkpoint index (holds a {type(metadata).__name__})")
     return metadata
@@ -104,7 +104,8 @@ class SafeLoadPlanner(DefaultLoadPlanner):
         try:
             torch.load(value, weights_only=True)
         except Exception as err:
-            raise UserError(f"refused the checkpoint value {read_item.dest_index.fqn!r}: {one_line(err)}") from None
+            fqn = read_item.dest_index.fqn
+            raise UserError(f"refused the checkpoint value {fqn!r}: {exception_line(err)}") from None
         value.seek(0)
         super().load_bytes(read_item, value)
 
@@ -119,7 +120,7 @@ def load_sharded(state: dict, folder: Path) -> None:
     except CheckpointException as err:  # a BaseException: per-rank failures wrapped together
         raise UserError(f"{folder}: cannot read this sharded checkpoint: {_first_failure(err)}") from None
     except Exception as err:
-        raise UserError(f"{folder}: cannot read this sharded checkpoint: {one_line(err)}") from None
+        raise UserError(f"{folder}: cannot read this sharded checkpoint: {exception_line(err)}") from None
 
 
 def check_sharded_checkpoint(folder: Path) -> None:
@@ -147,13 +148,13 @@ def check_sharded_checkpoint(folder: Path) -> None:
                 blob = file.read(info.length)
             torch.load(io.BytesIO(blob), weights_only=True)
         except Exception as err:
-            raise UserError(f"{folder}: refused the value {index.fqn!r} in {relative}: {one_line(err)}") from None
+            raise UserError(f"{folder}: refused the value {index.fqn!r} in {relative}: {exception_line(err)}") from None
     meta = folder / LIGHTNING_META_FILE
     if meta.is_file():
         try:
             torch.load(meta, weights_only=True, map_location="cpu")
         except Exception as err:
-            raise UserError(f"{meta}: refused to load: {one_line(err)}") from None
+            raise UserError(f"{meta}: refused to load: {exception_line(err)}") from None
 
 
 def guard_checkpoint_loading(strategy: Any) -> None:
@@ -172,18 +173,18 @@ def guard_checkpoint_loading(strategy: Any) -> None:
         except CheckpointException as err:
             raise UserError(f"{checkpoint_path}: cannot read this checkpoint: {_first_failure(err)}") from None
         except (pickle.UnpicklingError, EOFError, RuntimeError, OSError) as err:  # truncated zip, forbidden global
-            raise UserError(f"{checkpoint_path}: {UNREADABLE}: {one_line(err)}") from None
+            raise UserError(f"{checkpoint_path}: {UNREADABLE}: {exception_line(err)}") from None
 
     strategy.load_checkpoint = checked_load
 
 
 def _first_failure(err: CheckpointException) -> str:
     for exception, _ in err.failures.values():
-        return one_line(exception)
+        return exception_line(exception)
     return "unknown failure"
 
 
-def one_line(err: BaseException) -> str:
+def exception_line(err: BaseException) -> str:
     """An exception's message on one line (for `UserError`s that wrap a library's multi-line error)."""
     text = re.sub(r"\x1b\[[0-9;]*m", "", " ".join(str(err).split())) or type(err).__name__
     if "WeightsUnpickler error: " in text:  # torch's advice on unsafe loading is no advice here
