@@ -25,10 +25,11 @@ from cllm.data_modules.prompts import Prompt, load_prompts
 from cllm.data_modules.trajectory_stream import STATE_STRATEGIES, EpochDataLoader, TrajectoryStream, samples_per_record
 from cllm.errors import UserError
 from cllm.files import atomic_write_bytes, iter_lines, unit_hash
-from cllm.models import load_tokenizer, tokenizer_fingerprint
+from cllm.models import load_tokenizer, tokenizer_fingerprint, weights_fingerprint
 from cllm.records import (
     MANIFEST_NAME,
     check_collection_settings,
+    check_model_fingerprint,
     check_token_ids,
     check_tokenizer,
     parse_record,
@@ -166,6 +167,7 @@ class TrajectoryDataModule(LightningDataModule):
             h = self.hparams
             asked = {"prompts": h.prompts, "max_new_tokens": h.max_new_tokens, "chat_template": h.chat_template}
             check_collection_settings(manifest, {**asked, "init": h.init, "model": self.model}, self.path)
+            check_model_fingerprint(manifest, weights_fingerprint(self.model), self.path, self.model)
         verify_checksums(self.path, manifest)
         self.vocab_size = max(len(self.tokenizer), self.tokenizer.vocab_size)
         self.manifest = manifest

@@ -341,6 +341,22 @@ settings_case("max_new_tokens", "64", "max_new_tokens")
 settings_case("init", "repeat", "init")
 
 
+@case("5", "fit on a folder whose model weights were replaced in place")
+def _(work):
+    from cllm.models import build_tiny
+
+    for seed in (0, 3):
+        model, tokenizer = build_tiny(f"tiny:seed={seed}")
+        model.save_pretrained(work / "model")
+        tokenizer.save_pretrained(work / "model")
+        if seed == 0:
+            args = [arg if arg != "tiny" else "model" for arg in TINY_COLLECT]
+            result = cli(work, [*args, "--output", "data"], expect=OK)
+            if not result.ok:
+                return result
+    return cli(work, data_fit(work, "--data.init_args.model=model"), contains="weights changed")
+
+
 def official_entry(data_id: str, ids: list[int], labels: list[int] | None = None) -> dict:
     entry = {
         "data_id": data_id,

@@ -128,6 +128,31 @@ def test_setup_refuses_another_collection_model(dataset):
         data_module(dataset, model="tiny:seed=3").setup()
 
 
+def test_setup_refuses_a_model_folder_whose_weights_changed(tmp_path):
+    from cllm.models import build_tiny
+
+    for seed in (0, 3):  # same tokenizer and shapes, other weights: only the fingerprint tells them apart
+        model, tokenizer = build_tiny(f"tiny:seed={seed}")
+        model.save_pretrained(tmp_path / "model")
+        tokenizer.save_pretrained(tmp_path / "model")
+        if seed == 0:
+            argv = [str(tmp_path / "model") if arg == "tiny" else arg for arg in COLLECT]
+            main([*argv, "--prompts", "stdlib-code:train", "--limit", "2", "--output", str(tmp_path / "data")])
+            data_module(tmp_path / "data", model=str(tmp_path / "model"), prompt_limit=2).setup()  # unchanged: fine
+    with pytest.raises(UserError, match="the weights changed since collection"):
+        data_module(tmp_path / "data", model=str(tmp_path / "model"), prompt_limit=2).setup()
+
+
+def test_weights_fingerprint_reads_what_model_fingerprint_hashes(tmp_path):
+    from cllm.models import build_tiny, load_model, model_fingerprint, weights_fingerprint
+
+    model, tokenizer = build_tiny("tiny:seed=2")
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    loaded = model_fingerprint(load_model(str(tmp_path), dtype="bfloat16")[0])
+    assert weights_fingerprint(str(tmp_path)) == loaded == model_fingerprint(model)
+
+
 # -- 6. the importer -----------------------------------------------------------------------------------------------
 
 

@@ -250,6 +250,17 @@ def check_collection_settings(manifest: dict, asked: dict, folder: str | Path) -
             )
 
 
+def check_model_fingerprint(manifest: dict, fingerprint: str | None, folder: str | Path, model: str) -> None:
+    """Refuse trajectories collected with other weights than `model` has now (None: not computable, passes)."""
+    stored = manifest.get("model_fingerprint")
+    if stored and fingerprint and stored != fingerprint:
+        raise UserError(
+            f"{Path(folder) / MANIFEST_NAME}: collected with model weights {stored}, but data.init_args.model "
+            f"{model!r} now has weights {fingerprint}: the weights changed since collection; collect again into a "
+            "new data.init_args.path, or point data.init_args.model at the weights the trajectories came from"
+        )
+
+
 def _same_model(stored: str, asked: str) -> bool:
     """Two model specs name the same model: equal, or the same existing path however it is spelled."""
     if stored == asked:
