@@ -1,6 +1,7 @@
 """`ThroughputCallback`: training speed in the progress bar, the CSV log and W&B, every training batch.
 
 Logged (summed or averaged over ranks):
+- `train/seconds_per_step`: wall time from the end of one training batch to the end of the next (the slowest rank);
 - `train/tokens_per_s`: real (non-padding) trajectory tokens of all ranks' batches per second (`real_tokens`);
 - `train/samples_per_s`: batch rows of all ranks per second;
 - `train/mfu`: model FLOPs utilisation, the FLOPs of the batch's forward and backward passes over the time the
@@ -115,6 +116,7 @@ class ThroughputCallback(Callback):
         tokens = real_tokens(batch, pl_module.n)
         pl_module.log("train/tokens_per_s", tokens / seconds, prog_bar=self.prog_bar, reduce_fx="sum", **log)
         pl_module.log("train/samples_per_s", rows / seconds, reduce_fx="sum", **log)
+        pl_module.log("train/seconds_per_step", seconds, reduce_fx="max", **log)  # any validation in between too
         if self._peak:
             config = pl_module.model.config
             parameters = matmul_parameters(pl_module.model)

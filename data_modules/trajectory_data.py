@@ -21,6 +21,8 @@ from torch.utils.data import DataLoader
 
 from cllm.collection import CollectConfig, run_collection
 from cllm.data_modules.collate import collate, collate_packed
+from cllm.data_modules.jacobi_forcing import NoiseSchedule, collate_forcing
+from cllm.data_modules.jacobi_forcing import samples_per_line as forcing_samples_per_line
 from cllm.data_modules.prompts import Prompt, load_prompts
 from cllm.data_modules.trajectory_stream import STATE_STRATEGIES, EpochDataLoader, TrajectoryStream, samples_per_record
 from cllm.errors import UserError
@@ -62,7 +64,13 @@ class TrajectoryDataModule(LightningDataModule):
         state_strategy: `uniform` over non-final states (official), `all` (one sample per state), `noise`, or
             `pack` (`pack_states` states of a record packed into one row that shares the context; global
             consistency and AR on the fixed point only).
+            `jacobi_forcing`: one row per prompt holding every block of its response as a pair noisy_j | fixed_j
+            (Jacobi Forcing, `cllm.data_modules.jacobi_forcing`; global consistency and AR on the fixed points).
         pack_states: with `pack`, the number k of non-final states drawn per record (all when it has fewer).
+        forcing_window: with `jacobi_forcing`, blocks per noise window (JF's w).
+        forcing_schedule: `progressive` (block j targets noise ratio linspace(min, max, w)[j % w]) or `random`.
+        forcing_noise_min, forcing_noise_max: the ends of that noise-ratio grid.
+        forcing_synthesise: build a state at the target ratio when the trajectory has none within 1/n.
         next_state: also collate the next state (local consistency loss); augmented states are then unused.
         use_labels: also collate ground-truth labels (prompt + answer ids).
         max_length: contexts longer than max_length - n are truncated from the left (counted, warned).
@@ -91,6 +99,11 @@ class TrajectoryDataModule(LightningDataModule):
         seed: int = 0,
         state_strategy: str = "uniform",
         pack_states: int = 4,
+        forcing_window: int = 4,
+        forcing_schedule: str = "progressive",
+        forcing_noise_min: float = 0.0,
+        forcing_noise_max: float = 1.0,
+        forcing_synthesise: bool = False,
         next_state: bool = False,
         use_labels: bool = False,
         max_length: int = 1024,
@@ -100,11 +113,16 @@ class TrajectoryDataModule(LightningDataModule):
         super().__init__()
         if state_strategy not in STATE_STRATEGIES:
             raise UserError(f"state_strategy {state_strategy!r} is not one of {STATE_STRATEGIES}")
-        if state_strategy == "pack" and (next_state or use_labels):
+        if state_strategy in ("pack", "jacobi_forcing") and (next_state or use_labels):
             raise UserError(
-                "data.init_args.state_strategy=pack supports global consistency and AR on the fixed point only: "
-                "set next_state and use_labels to false (or use another state_strategy)"
+                f"data.init_args.state_strategy={state_strategy} supports global consistency and AR on the fixed "
+                "point only: set next_state and use_labels to false (or use another state_strategy)"
             )
+        self.forcing = NoiseSchedule(
+            forcing_window, forcing_schedule, forcing_noise_min, forcing_noise_max, forcing_synthesise
+        )
+        if state_strategy == "jacobi_forcing" and max_length < 2 * n + 1:
+            raise UserError(f"max_length ({max_length}) must exceed 2n = {2 * n} with state_strategy=jacobi_forcing")
         if pack_states < 1:
             raise UserError(f"data.init_args.pack_states must be at least 1, not {pack_states}")
         if max_length <= n:
@@ -219,14 +237,18 @@ class TrajectoryDataModule(LightningDataModule):
         truncated = 0
         for shard in self.manifest["shards"]:
             path = self.path / shard["file"]
-            lines = 0
+            lines, forcing_records = 0, []
             for number, line in iter_lines(path):
                 record = parse_record(line, f"{path}:{number}", self.n)
                 check_token_ids(record, self.vocab_size, f"{path}:{number}")
                 hashes.append(unit_hash(record.prompt_id))
-                counts.append(samples_per_record(record, h.state_strategy, h.next_state))
+                if h.state_strategy == "jacobi_forcing":  # counted per prompt below (a shard holds whole prompts)
+                    forcing_records.append(record)
+                else:
+                    counts.append(samples_per_record(record, h.state_strategy, h.next_state))
                 truncated += len(record.context) > h.max_length - self.n
                 lines += 1
+            counts.extend(forcing_samples_per_line(forcing_records, self.n, h.max_length))
             if lines != shard["records"]:
                 raise UserError(f"{path}: {lines} records, the manifest says {shard['records']}; the shard changed")
         return truncated
@@ -251,11 +273,16 @@ class TrajectoryDataModule(LightningDataModule):
             world_size=world,
             samples_per_line=self._samples[validation] if h.even_batches else None,
             batch_size=h.batch_size,
+            forcing=self.forcing,
+            max_length=h.max_length,
+            eos_token_id=self.tokenizer.eos_token_id,
         )
         stream.num_workers = max(h.num_workers, 1)
         shapes = {"pad_id": self.tokenizer.pad_token_id or 0, "n": self.n, "max_length": h.max_length}
         if h.state_strategy == "pack":
             collate_fn = partial(collate_packed, **shapes)
+        elif h.state_strategy == "jacobi_forcing":
+            collate_fn = partial(collate_forcing, pad_id=shapes["pad_id"], n=self.n)
         else:
             collate_fn = partial(collate, **shapes, next_state=h.next_state, use_labels=h.use_labels)
         loader = EpochDataLoader(stream, batch_size=h.batch_size, num_workers=h.num_workers, collate_fn=collate_fn)

@@ -8,7 +8,10 @@ end; the per-record sample counts for that come from the data module's setup sca
 
 With the `pack` strategy one record gives one sample holding k of its states, collated into one packed row
 (`cllm.data_modules.collate.collate_packed`): the context is shared by the fixed point and the k states (see
-docs/data.md). Samples become batches in `cllm.data_modules.collate`.
+docs/data.md). Samples become batches in `cllm.data_modules.collate`. With
+`jacobi_forcing` the unit is a prompt: its consecutive records (all blocks of its response) give one sample per
+row (`cllm.data_modules.jacobi_forcing`); each consumer reads every line and keeps the prompts whose first record's
+index falls to it.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from cllm.files import iter_lines, unit_hash
 from cllm.records import Record, parse_record
 
-STATE_STRATEGIES = ("uniform", "all", "noise", "pack")
+STATE_STRATEGIES = ("uniform", "all", "noise", "pack", "jacobi_forcing")
 
 
 def is_validation(prompt_id: str, threshold: float) -> bool:
@@ -89,6 +92,9 @@ class TrajectoryStream(IterableDataset):
         world_size: int = 1,
         samples_per_line: array | None = None,
         batch_size: int = 1,
+        forcing=None,
+        max_length: int = 1024,
+        eos_token_id: int | None = None,
     ) -> None:
         self.folder, self.shards, self.n = Path(folder), shards, n
         self.validation, self.val_fraction = validation, val_fraction
@@ -97,6 +103,7 @@ class TrajectoryStream(IterableDataset):
         self.rank, self.world_size = rank, world_size
         self.samples_per_line = samples_per_line  # per global line: samples of this split (None: no evening)
         self.batch_size = batch_size
+        self.forcing, self.max_length, self.eos_token_id = forcing, max_length, eos_token_id  # jacobi_forcing only
         self.epoch = 0
         self.repeated_samples = 0
 
@@ -137,6 +144,9 @@ class TrajectoryStream(IterableDataset):
                     yield index, record
 
     def samples(self, consumer: int, consumers: int) -> Iterator[dict]:
+        if self.strategy == "jacobi_forcing":
+            yield from self.forcing_samples(consumer, consumers)
+            return
         for index, record in self.records(consumer, consumers):
             rng = random.Random(f"{self.seed}/{self.epoch}/{index}")
             picked = pick_states(record, self.strategy, self.next_state, rng, self.pack_states)
@@ -146,6 +156,27 @@ class TrajectoryStream(IterableDataset):
                 continue
             for state, next_state in picked:
                 yield {"record": record, "state": state, "next_state": next_state, "index": index}
+
+    def forcing_samples(self, consumer: int, consumers: int) -> Iterator[dict]:
+        """One sample per Jacobi Forcing row of this consumer's prompts (whole responses, split by max_length)."""
+        from cllm.data_modules.jacobi_forcing import build_row, prompt_groups, row_spans
+
+        for first, group in prompt_groups(self.records(0, 1)):
+            if first % consumers != consumer:
+                continue
+            records = [record for _, record in group]
+            for number, (start, stop) in enumerate(row_spans(records, self.n, self.max_length)):
+                rng = random.Random(f"{self.seed}/{self.epoch}/{first}/{number}")
+                row = build_row(
+                    records[start:stop],
+                    self.forcing,
+                    rng,
+                    n=self.n,
+                    max_length=self.max_length,
+                    eos_token_id=self.eos_token_id,
+                    first=start == 0,
+                )
+                yield {"row": row, "index": first}
 
     def __iter__(self) -> Iterator[dict]:
         consumer, consumers, _ = self.consumer()

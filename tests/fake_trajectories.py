@@ -6,10 +6,13 @@ split over ranks has the same number of scored tokens on each rank: the 2-proces
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, DistributedSampler
 
+from cllm.data_modules.jacobi_forcing import ForcingPair, ForcingRow, collate_forcing
 from cllm.data_modules.prompts import Prompt
 from cllm.models import build_tiny_tokenizer
 
@@ -24,14 +27,28 @@ class FakeTrajectoryData(LightningDataModule):
         seed: int = 0,
         val_prompts: int = 3,
         val_rows: int = 4,
+        forcing: bool = False,
     ) -> None:
         super().__init__()
         self.n, self.batch_size, self.num_val_prompts = n, batch_size, val_prompts
         self.tokenizer = build_tiny_tokenizer()
         self.chat_template = False
         generator = torch.Generator().manual_seed(seed)
-        self.records = [self._record(prompt_length, generator) for _ in range(rows)]
-        self.val_records = [self._record(prompt_length, generator) for _ in range(val_rows)]
+        make = self._forcing_row if forcing else self._record
+        self.records = [make(prompt_length, generator) for _ in range(rows)]
+        self.val_records = [make(prompt_length, generator) for _ in range(val_rows)]
+        self.collate_fn = partial(collate_forcing, pad_id=0, n=n) if forcing else None
+
+    def _forcing_row(self, prompt_length: int, generator: torch.Generator) -> dict:
+        """A Jacobi Forcing row of 3 blocks in one noise window, every row with the same shape and the same scored
+        offsets (noisy_j first differs from fixed_j at offset j), so ranks score equally many tokens."""
+        prompt = torch.randint(3, 200, (prompt_length,), generator=generator).tolist()
+        pairs = []
+        for j in range(3):
+            fixed = torch.randint(3, 200, (self.n,), generator=generator).tolist()
+            noisy = fixed[:j] + [token + 1 for token in fixed[j:]]
+            pairs.append(ForcingPair(noisy, fixed, self.n, window=0))
+        return {"row": ForcingRow(prompt, prompt_length, continues=False, pairs=pairs)}
 
     def _record(self, prompt_length: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
         prompt = torch.randint(3, 200, (prompt_length,), generator=generator)
@@ -59,7 +76,9 @@ class FakeTrajectoryData(LightningDataModule):
         sampler = None
         if world > 1:
             sampler = DistributedSampler(self.records, num_replicas=world, rank=self.trainer.global_rank, shuffle=False)
-        return DataLoader(self.records, batch_size=self.batch_size, sampler=sampler, shuffle=False)
+        return DataLoader(
+            self.records, batch_size=self.batch_size, sampler=sampler, shuffle=False, collate_fn=self.collate_fn
+        )
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_records, batch_size=self.batch_size, shuffle=False)
+        return DataLoader(self.val_records, batch_size=self.batch_size, shuffle=False, collate_fn=self.collate_fn)

@@ -69,3 +69,12 @@ def test_json_extract_domain_overlays(capsys):
     long = print_config(capsys, "smollm2-135m.yaml", "domains/json-extract.yaml", "domains/json-extract-long.yaml")
     assert long["data"]["init_args"]["path"] == data["path"]  # reuses the same trajectories
     assert long["data"]["init_args"]["state_strategy"] == "pack" and long["trainer"]["max_steps"] == 480
+
+
+def test_jacobi_forcing_round_two_starts_from_round_one(capsys):
+    configs = ["domains/json-extract.yaml", "ablations/jacobi_forcing.yaml", "domains/json-extract-jf-round2.yaml"]
+    parsed = print_config(capsys, "smollm2-135m.yaml", *configs)
+    model, data = parsed["model"]["init_args"], parsed["data"]["init_args"]
+    assert model["model"] == data["model"] == "models/jf-round1"  # trains AND collects with round 1
+    assert data["n"] == 32 and data["state_strategy"] == "jacobi_forcing"
+    assert data["prompts"] == "json-extract:train" and data["path"] != "data/smollm2-135m-json"

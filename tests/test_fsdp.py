@@ -98,6 +98,16 @@ def test_two_process_fsdp_matches_one_process(runs):
     assert len({round(v, 3) for v in single.values()}) > 1  # the losses move: equality is not trivial
 
 
+def test_two_process_fsdp_matches_one_process_on_jacobi_forcing_rows(tmp_path):
+    forcing = ["--data.init_args.forcing=true", "--model.init_args.attn_implementation=sdpa"]
+    single = fit(tmp_path, "single", 1, max_steps=3, extra=forcing)
+    sharded = fit(tmp_path, "sharded", 2, max_steps=3, extra=forcing)
+    assert sorted(single) == sorted(sharded) == [0, 1, 2]
+    for step in range(3):
+        assert sharded[step] == pytest.approx(single[step], rel=1e-5), (step, sharded[step], single[step])
+    assert len({round(v, 3) for v in single.values()}) > 1
+
+
 def test_sharded_checkpoint_resumes_and_exports(runs):
     tmp, checkpoint, single, _, resumed = runs
     assert checkpoint.is_dir(), "ModelParallelStrategy should write a sharded checkpoint folder"

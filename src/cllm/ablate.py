@@ -49,7 +49,15 @@ PREFERRED = (
     "train/loss",
 )
 # Throughput is left out: on a shared machine it measures the neighbours (bench it with `cllm bench`).
-SKIPPED = ("train/lr", "train/tokens_per_s", "train/grad_norm", "val/jacobi_tokens_per_s", "epoch", "step")
+SKIPPED = (
+    "train/lr",
+    "train/tokens_per_s",
+    "train/seconds_per_step",
+    "train/grad_norm",
+    "val/jacobi_tokens_per_s",
+    "epoch",
+    "step",
+)
 BEGIN, END = "<!-- ablate:begin -->", "<!-- ablate:end -->"
 
 

@@ -210,7 +210,8 @@ class CLLMModule(LightningModule):
             blocked = torch.full(may_attend.shape, torch.finfo(dtype).min, dtype=dtype, device=may_attend.device)
             return blocked.masked_fill(may_attend, 0.0)
         raise UserError(
-            f"packed batches (data.init_args.state_strategy: pack) need a 4D attention mask, which "
+            f"packed and Jacobi Forcing batches (data.init_args.state_strategy: pack, jacobi_forcing) need a 4D "
+            "attention mask, which "
             f"attn_implementation {implementation!r} does not take; set model.init_args.attn_implementation: sdpa"
         )
 
@@ -282,6 +283,8 @@ def data_parallel_mesh(mesh):
 
 def real_tokens(batch: dict[str, torch.Tensor], n: int) -> int:
     """Real (not padding) tokens of the student input: ctx + s per row, or the whole packed row ctx + y* + k states."""
+    if "row_length" in batch:  # Jacobi Forcing rows
+        return int(batch["row_length"].sum().item())
     if "segment_starts" in batch:
         segments = 1 + (batch["segment_starts"] >= 0).sum(1)
         return int((batch["block_start"] + n * segments).sum().item())

@@ -2,10 +2,11 @@
 
     loss = consistency_weight * L_c + ar_weight * L_ar        (the parts are in `cllm.losses`)
 
-`batch_losses` picks the forward passes and the loss functions for an unpacked batch (`collate`) or a packed one
-(`collate_packed`: `segment_starts` in the batch), and which logits each loss reads (`reads`: only those are
-computed when the model slices its LM head); `logits` is the model (`CLLMModule.logits`), so the choice tests with
-any callable that returns logits.
+`batch_losses` picks the forward passes and the loss functions for an unpacked batch (`collate`), a packed one
+(`collate_packed`: `segment_starts` in the batch) or Jacobi Forcing rows (`collate_forcing`: `pair_starts`; the
+losses in `cllm.forcing_losses`), and which logits each loss reads (`reads`: only those are computed when the
+model slices its LM head); `logits` is the model (`CLLMModule.logits`), so the choice tests with any callable that
+returns logits.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cllm import losses
+from cllm import forcing_losses, losses
 from cllm.errors import UserError
 
 CONSISTENCY_KINDS = ("global", "local")
@@ -68,6 +69,8 @@ def batch_losses(
     """
     if "segment_starts" in batch:
         return packed_batch_losses(logits, batch, options, n)
+    if "pair_starts" in batch:
+        return forcing_batch_losses(logits, batch, options, n)
     hp = options
     mask = batch["attention_mask"]
     use_consistency = hp.consistency_weight != 0
@@ -155,11 +158,7 @@ def packed_batch_losses(
     """
     hp = options
     use_consistency, use_ar = hp.consistency_weight != 0, hp.ar_weight != 0
-    packed = "packed batches (data.init_args.state_strategy: pack) support"
-    if use_consistency and hp.consistency != "global":
-        raise UserError(f"{packed} model.consistency=global only, not {hp.consistency!r}")
-    if use_ar and hp.ar_target != "fixed_point":
-        raise UserError(f"{packed} model.ar_target=fixed_point only, not {hp.ar_target!r}")
+    check_one_pass(options, "packed batches (data.init_args.state_strategy: pack)")
     ids = batch["input_ids"]
     prompt_length = batch["prompt_length"] if hp.ar_mask_prompt else None
     reads = []
@@ -192,6 +191,38 @@ def packed_batch_losses(
         )
     total = losses.total_loss(consistency, ar, consistency_weight=hp.consistency_weight, ar_weight=hp.ar_weight)
     return {"loss": total, "consistency_loss": consistency, "ar_loss": ar}
+
+
+def forcing_batch_losses(
+    logits: Logits, batch: dict[str, torch.Tensor], options: LossOptions, n: int
+) -> dict[str, torch.Tensor]:
+    """Jacobi Forcing rows (`cllm.data_modules.jacobi_forcing`): every pair's consistency and the clean path's AR
+    loss from ONE forward pass (`cllm.forcing_losses`)."""
+    hp = options
+    check_one_pass(options, "Jacobi Forcing batches (data.init_args.state_strategy: jacobi_forcing)")
+    prompt_length = batch["prompt_length"] if hp.ar_mask_prompt else None
+    reads = forcing_losses.forcing_reads(
+        batch, n, consistency=hp.consistency_weight != 0, ar=hp.ar_weight != 0, prompt_length=prompt_length
+    )
+    table = logits(batch["input_ids"], batch["attention_mask"], batch["position_ids"], reads=reads)
+    return forcing_losses.forcing_losses(
+        table,
+        batch,
+        n,
+        kind=hp.divergence,
+        consistency_weight=hp.consistency_weight,
+        ar_weight=hp.ar_weight,
+        ar_mask_prompt=hp.ar_mask_prompt,
+        label_smoothing=hp.label_smoothing,
+    )
+
+
+def check_one_pass(options: LossOptions, layout: str) -> None:
+    """One-pass layouts hold the fixed points as the only targets: global consistency, AR on the fixed point."""
+    if options.consistency_weight != 0 and options.consistency != "global":
+        raise UserError(f"{layout} support model.consistency=global only, not {options.consistency!r}")
+    if options.ar_weight != 0 and options.ar_target != "fixed_point":
+        raise UserError(f"{layout} support model.ar_target=fixed_point only, not {options.ar_target!r}")
 
 
 def block_reads(block_start: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,284 @@
+"""The objective ablation: CLLM (one state per row), CLLM pack4 and Jacobi Forcing on the same trajectories, the same
+optimizer steps and schedule, then the base model and each variant on the test split, in one report.
+
+    python benchmarks/forcing_ablation.py --data /work/wt/data/json-extract-n16        # json-extract, 60 steps
+    python benchmarks/forcing_ablation.py --domain code --data DATA --steps 40         # stdlib-code
+    python benchmarks/forcing_ablation.py --report-only --output docs/results/forcing-ablation-json
+
+Each variant is `cllm fit --config smollm2-135m.yaml [--config DOMAIN] [--config OVERLAY]` into WORK/VARIANT, then
+`cllm export` into WORK/VARIANT/model; a variant whose model folder exists is not trained again (rerun to resume).
+Validation (held-out prompts of the domain, n = 16, every --val-every steps): accepted tokens per step, base
+agreement, degenerate rate, from the fit's CSV log; seconds per step = median of `train/seconds_per_step`.
+The test split: accepted tokens per step (n = 16), quality, degenerate rate, outputs equal to the base model's.
+Gain = a variant's tokens per step minus the base model's, at the same step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import yaml  # noqa: E402
+from headline import evaluate, run_stage  # noqa: E402  (a sibling script)
+
+from cllm.bench import write_json  # noqa: E402
+from cllm.callbacks.accepted_tokens import common_prefix_fraction  # noqa: E402
+from cllm.cli import resolve_config  # noqa: E402
+from cllm.data_modules.prompts import load_prompts  # noqa: E402
+
+VARIANTS = {"cllm": [], "pack4": ["ablations/pack4.yaml"], "jacobi_forcing": ["ablations/jacobi_forcing.yaml"]}
+DOMAINS = {
+    "json": {"overlays": ["domains/json-extract.yaml"], "set": "json-extract", "test": "json-extract:test"},
+    "code": {"overlays": [], "set": "stdlib-code", "test": "stdlib-code:test"},
+}
+CURVES = ("val/accepted_tokens_per_step", "val/base_agreement", "val/degenerate_rate")
+
+
+def fit_variant(name: str, args: argparse.Namespace, work: Path, timings: dict) -> Path:
+    """Train and export one variant (skipped when its model folder exists); returns the model folder."""
+    root, model = work / name, work / name / "model"
+    if (model / "config.json").is_file():
+        return model
+    python = [sys.executable, "-m", "cllm"]
+    checkpoints = sorted(root.rglob(f"*step={args.steps}.ckpt"), key=lambda p: p.stat().st_mtime)
+    if checkpoints:  # trained already, the export is missing
+        export = [*python, "export", "--ckpt", str(checkpoints[-1]), "--output", str(model)]
+        run_stage(f"export {name}", export, root / "export.log", timings)
+        return model
+    fit = [
+        *python,
+        "fit",
+        "--config",
+        args.config,
+        *(f"--config={overlay}" for overlay in DOMAINS[args.domain]["overlays"] + VARIANTS[name]),
+        f"--trainer.default_root_dir={root}",
+        f"--trainer.logger.init_args.save_dir={root}",
+        f"--trainer.max_steps={args.steps}",
+        f"--trainer.val_check_interval={args.val_every}",
+        f"--data.init_args.path={args.data}",
+        *args.fit_args,
+    ]
+    root.mkdir(parents=True, exist_ok=True)
+    run_stage(f"fit {name}", fit, root / "fit.log", timings)
+    checkpoints = sorted(root.rglob("*.ckpt"), key=lambda p: p.stat().st_mtime)
+    run_stage(
+        f"export {name}",
+        [*python, "export", "--ckpt", str(checkpoints[-1]), "--output", str(model)],
+        root / "export.log",
+        timings,
+    )
+    return model
+
+
+def read_log(root: Path, val_every: int) -> dict:
+    """Validation curves by step and the median seconds per training step, from the fit's CSV log.
+
+    Lightning logs a validation's epoch-level metrics at the step before the one it follows (39 after step 40):
+    those are shown at the step they measured."""
+    curves: dict[str, dict[int, float]] = {key: {} for key in CURVES}
+    seconds, losses = [], {}
+    for path in sorted(root.rglob("metrics.csv")):
+        with open(path) as handle:
+            for row in csv.DictReader(handle):
+                step = int(row["step"])
+                measured = step + 1 if step > 0 and (step + 1) % val_every == 0 else step
+                for key in CURVES:
+                    if row.get(key):
+                        curves[key][measured] = float(row[key])
+                if row.get("train/seconds_per_step"):
+                    seconds.append(float(row["train/seconds_per_step"]))
+                for key in ("train/consistency_loss", "train/ar_loss"):
+                    if row.get(key):
+                        losses[key] = float(row[key])
+    return {
+        "curves": {key: sorted(values.items()) for key, values in curves.items()},
+        "seconds_per_step": statistics.median(seconds) if seconds else None,
+        "last_train_losses": losses,
+    }
+
+
+def gains(results: dict) -> dict:
+    """Per variant and validation step: tokens per step minus the base's; and on the test split."""
+    base_val = dict(results["variants"][next(iter(results["variants"]))]["curves"][CURVES[0]]).get(0)
+    table = {}
+    test_base = results["test"]["base"]["accepted_tokens_per_step"]
+    for name, entry in results["variants"].items():
+        curve = dict(entry["curves"][CURVES[0]])
+        table[name] = {
+            "validation": [[step, value - base_val] for step, value in curve.items() if base_val is not None],
+            "test": results["test"][name]["accepted_tokens_per_step"] - test_base if name in results["test"] else None,
+        }
+    return table
+
+
+def markdown(results: dict) -> str:
+    names = list(results["variants"])
+    gain = results["gains"]
+    steps = sorted({step for name in names for step, _ in results["variants"][name]["curves"][CURVES[0]]})
+    lines = [
+        f"# Objective ablation on {results['domain']}: CLLM vs CLLM pack4 vs Jacobi Forcing",
+        "",
+        f"Command: `{results['command']}`; machine: {results['machine']}; CPU flags: {results['cpu_flags']}.",
+        f"Same trajectories (`{results['data']}`), {results['steps']} optimizer steps each, batch of "
+        f"{results['batch_size']} rows, the same lr schedule; validation every {results['val_every']} steps on the "
+        "held-out validation prompts (n = 16). Gain = tokens per step minus the base model's.",
+        "",
+        "## Held-out validation, accepted tokens per step (n = 16) by step",
+        "",
+        "| variant | s/step | " + " | ".join(str(step) for step in steps) + " |",
+        "|---|---|" + "---|" * len(steps),
+    ]
+    for name in names:
+        entry = results["variants"][name]
+        curve = dict(entry["curves"][CURVES[0]])
+        sps = entry["seconds_per_step"]
+        cells = " | ".join(f"{curve[step]:.3f}" if step in curve else "" for step in steps)
+        lines.append(f"| {name} | {sps:.1f} | {cells} |" if sps else f"| {name} | - | {cells} |")
+    lines += ["", "| variant | " + " | ".join(f"base agreement / degenerate at {s}" for s in steps[1:]) + " |"]
+    lines.append("|---|" + "---|" * len(steps[1:]))
+    for name in names:
+        agreement = dict(results["variants"][name]["curves"][CURVES[1]])
+        degenerate = dict(results["variants"][name]["curves"][CURVES[2]])
+        cells = " | ".join(
+            f"{agreement.get(s, float('nan')):.2f} / {degenerate.get(s, float('nan')):.3f}" for s in steps[1:]
+        )
+        lines.append(f"| {name} | {cells} |")
+    if "pack4" in gain and "jacobi_forcing" in gain:
+        lines += ["", "Jacobi Forcing's gain over pack4's (the goal: >= 1.5x at equal steps):", ""]
+        lines.append("| step | pack4 gain | JF gain | JF / pack4 |")
+        lines.append("|---|---|---|---|")
+        for step in steps[1:]:
+            pack = dict(gain["pack4"]["validation"]).get(step)
+            forcing = dict(gain["jacobi_forcing"]["validation"]).get(step)
+            if pack is not None and forcing is not None:
+                ratio = f"{forcing / pack:.2f}x" if pack > 0 else "-"
+                lines.append(f"| {step} | {pack:+.3f} | {forcing:+.3f} | {ratio} |")
+    test = results["test"]
+    lines += [
+        "",
+        f"## Test split ({results['test_set']}, {test['base']['num_prompts']} prompts, n = 16, "
+        f"max_new_tokens {results['max_new_tokens']})",
+        "",
+        "| model | accepted tok/step | gain | quality | degenerate | = base output | common prefix with base |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name in ["base", *names]:
+        if name not in test:
+            continue
+        entry = test[name]
+        scores = ", ".join(f"{k} {v:.3f}" for k, v in entry["quality"].items()) or "-"
+        delta = "-" if name == "base" else f"{gain[name]['test']:+.3f}"
+        lines.append(
+            f"| {name} | {entry['accepted_tokens_per_step']:.3f} | {delta} | {scores} | {entry['degenerate_rate']:.3f} "
+            f"| {entry.get('exact_match_vs_base', 1.0):.3f} | {entry.get('common_prefix_vs_base', 1.0):.3f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, output: Path) -> list[str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot")
+        return []
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for name, entry in results["variants"].items():
+        curve = entry["curves"][CURVES[0]]
+        if curve:
+            axis.plot(*zip(*curve), "o-", label=name)
+    axis.set(title=f"{results['domain']}: held-out accepted tokens/step (n=16)", xlabel="step", ylabel="tokens/step")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(output / "validation_curves.png", dpi=100)
+    plt.close("all")
+    return ["validation_curves.png"]
+
+
+def cpu_flags() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown"
+    return " ".join(flag for flag in ("avx2", "avx512_bf16", "amx_bf16") if f" {flag}" in text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--domain", choices=sorted(DOMAINS), default="json")
+    parser.add_argument("--data", type=Path, required=False, help="trajectory folder shared by every variant")
+    parser.add_argument("--config", default="smollm2-135m.yaml")
+    parser.add_argument("--base", default="smollm2-135m", help="the base model (the config's model.init_args.model)")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--val-every", type=int, default=20)
+    parser.add_argument("--test-limit", type=int, default=48, help="test-split prompts")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--work-dir", type=Path, default=Path("runs/forcing-ablation"))
+    parser.add_argument("--output", type=Path, default=None, help="default: docs/results/forcing-ablation-DOMAIN")
+    parser.add_argument("--report-only", action="store_true", help="re-render from --output's results.json")
+    parser.add_argument("--fit-only", action="store_true", help="train and export the variants, no report")
+    parser.add_argument("fit_args", nargs="*", help="extra overrides for every `cllm fit` (after --)")
+    args = parser.parse_args()
+    output = args.output or Path("docs/results") / f"forcing-ablation-{args.domain}"
+    output.mkdir(parents=True, exist_ok=True)
+    if args.report_only:
+        results = json.loads((output / "results.json").read_text())
+    else:
+        if args.data is None:
+            parser.error("--data is required (unless --report-only)")
+        work = args.work_dir / args.domain
+        timings: dict[str, float] = {}
+        models = {name: fit_variant(name, args, work, timings) for name in args.variants}
+        if args.fit_only:
+            return
+        start = time.perf_counter()
+        domain = DOMAINS[args.domain]
+        prompts = {domain["set"]: load_prompts(domain["test"], limit=args.test_limit)}
+        profile = {"max_new_tokens": args.max_new_tokens, "speed_limit": 0}
+        test = {"base": evaluate(args.base, prompts, profile, ["float32"])[domain["set"]]}
+        for name, folder in models.items():
+            test[name] = evaluate(str(folder), prompts, profile, ["float32"])[domain["set"]]
+            pairs = list(zip(test[name]["outputs"], test["base"]["outputs"]))
+            test[name]["exact_match_vs_base"] = sum(a == b for a, b in pairs) / len(pairs)
+            test[name]["common_prefix_vs_base"] = sum(common_prefix_fraction(a, b) for a, b in pairs) / len(pairs)
+        for entry in test.values():
+            entry["output_lengths"] = [len(o) for o in entry.pop("outputs")]
+        timings["test"] = time.perf_counter() - start
+        results = {
+            "domain": args.domain,
+            "command": " ".join(["python benchmarks/forcing_ablation.py", *sys.argv[1:]]),
+            "machine": f"{torch.get_num_threads()} torch threads, {sys.platform}",
+            "cpu_flags": cpu_flags(),
+            "data": str(args.data),
+            "steps": args.steps,
+            "val_every": args.val_every,
+            "batch_size": yaml.safe_load(Path(resolve_config(args.config)).read_text())["data"]["init_args"][
+                "batch_size"
+            ],
+            "max_new_tokens": args.max_new_tokens,
+            "test_set": domain["test"],
+            "timings": timings,
+            "variants": {name: read_log(work / name, args.val_every) for name in args.variants},
+            "test": test,
+        }
+        results["gains"] = gains(results)
+    write_json(output / "results.json", results)
+    results["plots"] = plot(results, output)
+    write_json(output / "results.json", results)
+    (output / "results.md").write_text(markdown(results))
+    print(markdown(results))
+
+
+if __name__ == "__main__":
+    main()
