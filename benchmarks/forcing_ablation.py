@@ -16,7 +16,6 @@ Gain = a variant's tokens per step minus the base model's, at the same step.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import statistics
 import sys
@@ -29,10 +28,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 import yaml  # noqa: E402
 from headline import evaluate, run_stage  # noqa: E402  (a sibling script)
 
-from cllm.bench import write_json  # noqa: E402
+from cllm.arguments import resolve_config  # noqa: E402
 from cllm.callbacks.accepted_tokens import common_prefix_fraction  # noqa: E402
-from cllm.cli import resolve_config  # noqa: E402
 from cllm.data_modules.prompts import load_prompts  # noqa: E402
+from cllm.files import write_json  # noqa: E402
+from cllm.tracking import read_metrics_csv  # noqa: E402
 
 VARIANTS = {"cllm": [], "pack4": ["ablations/pack4.yaml"], "jacobi_forcing": ["ablations/jacobi_forcing.yaml"]}
 DOMAINS = {
@@ -85,19 +85,15 @@ def read_log(root: Path, val_every: int) -> dict:
     those are shown at the step they measured."""
     curves: dict[str, dict[int, float]] = {key: {} for key in CURVES}
     seconds, losses = [], {}
-    for path in sorted(root.rglob("metrics.csv")):
-        with open(path) as handle:
-            for row in csv.DictReader(handle):
-                step = int(row["step"])
-                measured = step + 1 if step > 0 and (step + 1) % val_every == 0 else step
-                for key in CURVES:
-                    if row.get(key):
-                        curves[key][measured] = float(row[key])
-                if row.get("train/seconds_per_step"):
-                    seconds.append(float(row["train/seconds_per_step"]))
-                for key in ("train/consistency_loss", "train/ar_loss"):
-                    if row.get(key):
-                        losses[key] = float(row[key])
+    for row in read_metrics_csv(root):
+        step = int(row["step"])
+        measured = step + 1 if step > 0 and (step + 1) % val_every == 0 else step
+        for key in CURVES:
+            if key in row:
+                curves[key][measured] = row[key]
+        if "train/seconds_per_step" in row:
+            seconds.append(row["train/seconds_per_step"])
+        losses.update({key: row[key] for key in ("train/consistency_loss", "train/ar_loss") if key in row})
     return {
         "curves": {key: sorted(values.items()) for key, values in curves.items()},
         "seconds_per_step": statistics.median(seconds) if seconds else None,
