@@ -1,0 +1,308 @@
+"""Decoders beyond one Jacobi block, all lossless against greedy AR, behind one name: `decode(name, ...)`.
+
+- `jacobi`: one n-token block per pass (`cllm.jacobi.jacobi_generate`).
+- `multiblock`: up to K blocks in flight. The window holds block 1 (the one being committed) and draft blocks
+  after it, refined in the same causal pass (a draft attends to block 1's current state). When the share of
+  block 1's tokens that are *settled* (unchanged by the last pass: `b[i] == q[i-1]`) reaches r, the window grows
+  by one block (up to K); when it falls below r, the window shrinks by one. The window slides as tokens commit,
+  so a refined draft is promoted to block 1 with its state. With K = 1 this is exactly `jacobi`.
+- `recycle`: rejection recycling. Each row keeps an n-gram pool keyed by first token (its prompt's n-grams, then
+  every pass's window, rejected tokens included). Each pass also verifies up to G pool n-grams that start with
+  the next known-correct token, as extra segments of the same forward pass (a 4D mask keeps every segment causal
+  on its own, lookahead-style); the longest verified run is committed.
+- `multiblock+recycle`: both (Jacobi Forcing's "MR").
+
+The acceptance rule is the same for every segment s (tokens `x`, predictions `q`, first token known correct):
+`a_s = 1 + max{k : x[i] == q[i-1] for 1 <= i <= k}`; the winner commits `x[:a]` and `q[a-1]` becomes the next
+known-correct token, so each pass commits >= 1 token of greedy AR's output. The KV cache keeps the winner's
+accepted slots only (rectangular over the batch, holes masked, logical positions as in `cllm.jacobi`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from transformers import DynamicCache
+
+from cllm.errors import UserError
+from cllm.jacobi import (
+    INIT_STRATEGIES,
+    JacobiResult,
+    _as_set,
+    _finish_lockstep,
+    _keep_going,
+    cache_argument,
+    initial_guess,
+    jacobi_generate,
+    prefill,
+)
+
+DECODERS = ("jacobi", "multiblock", "recycle", "multiblock+recycle")
+DEFAULT_BLOCKS = 2  # K: blocks in flight for multiblock
+DEFAULT_THRESHOLD = 0.5  # r: settled share of block 1 that starts a draft block
+DEFAULT_CANDIDATES = 2  # G: pool n-grams verified per pass for recycle
+DEFAULT_POOL_SIZE = 8  # n-grams kept per first token and row (most recent first)
+
+
+class NGramPool:
+    """Bounded n-gram pool of one row: up to `per_key` distinct n-grams per first token, most recent first."""
+
+    def __init__(self, length: int, per_key: int) -> None:
+        self.length, self.per_key = length, per_key
+        self.grams: dict[int, list[tuple[int, ...]]] = {}
+
+    def add(self, gram: Sequence[int]) -> None:
+        gram = tuple(gram)
+        if len(gram) < 2:
+            return
+        bucket = self.grams.setdefault(gram[0], [])
+        if gram in bucket:
+            bucket.remove(gram)
+        bucket.insert(0, gram)
+        del bucket[self.per_key :]
+
+    def add_all(self, tokens: Sequence[int], starts: range | None = None) -> None:
+        """Add the n-grams of `tokens` starting at `starts` (default: every start with a full n-gram)."""
+        tokens = list(tokens)
+        for start in starts if starts is not None else range(len(tokens) - self.length + 1):
+            self.add(tokens[start : start + self.length])
+
+    def candidates(self, first: int, count: int, exclude: Sequence[int]) -> list[tuple[int, ...]]:
+        """Up to `count` n-grams starting with `first`, skipping those that are a prefix of `exclude`."""
+        exclude = tuple(exclude)
+        picked = [g for g in self.grams.get(first, []) if exclude[: len(g)] != g]
+        return picked[:count]
+
+
+def decode(name: str, model: torch.nn.Module, prompts: Sequence[Sequence[int]], **kwargs) -> JacobiResult:
+    """Run decoder `name` (one of DECODERS); kwargs are those of `jacobi_generate` plus, for the others,
+    `blocks` (K), `threshold` (r), `candidates` (G), `pool_size`, `ngram` (n-gram length, default n)."""
+    if name not in DECODERS:
+        raise UserError(f"unknown decoder {name!r}; choose one of {', '.join(DECODERS)}")
+    options = {
+        key: kwargs.pop(key)
+        for key in ("blocks", "threshold", "candidates", "pool_size", "ngram", "ngrams")
+        if key in kwargs
+    }
+    if name == "jacobi":
+        return jacobi_generate(model, prompts, **kwargs)
+    if "multiblock" not in name:
+        options["blocks"] = 1
+    if "recycle" not in name:
+        options["candidates"] = 0
+    return multiblock_generate(model, prompts, **kwargs, **options)
+
+
+@torch.no_grad()
+def multiblock_generate(
+    model: torch.nn.Module,
+    prompts: Sequence[Sequence[int]],
+    *,
+    n: int = 16,
+    blocks: int = DEFAULT_BLOCKS,
+    threshold: float = DEFAULT_THRESHOLD,
+    candidates: int = DEFAULT_CANDIDATES,
+    pool_size: int = DEFAULT_POOL_SIZE,
+    ngram: int | None = None,
+    ngrams: Sequence[Sequence[int]] = (),
+    max_new_tokens: int = 256,
+    eos_token_id: int | Sequence[int] | None = None,
+    pad_token_id: int = 0,
+    init: str = "context",
+    seed: int = 0,
+    all_done: Callable[[bool], bool] | None = None,
+) -> JacobiResult:
+    """Greedy decoding with up to `blocks` Jacobi blocks in flight and `candidates` recycled n-grams per pass.
+
+    Args:
+        model, prompts, n, max_new_tokens, eos_token_id, pad_token_id, init, seed, all_done: as `jacobi_generate`.
+        blocks: K, the most blocks in flight (1: single-block Jacobi).
+        threshold: r, the settled share of block 1 at which one more block is drafted.
+        candidates: G, pool n-grams verified per pass (0: no recycling).
+        pool_size: n-grams kept per first token and row.
+        ngram: n-gram length of the pool (default n).
+        ngrams: extra n-grams planted in every row's pool (after its prompt's).
+    """
+    if n < 1 or blocks < 1 or candidates < 0 or pool_size < 1 or not 0.0 <= threshold <= 1.0:
+        raise ValueError(
+            f"need n >= 1, blocks >= 1, candidates >= 0, pool_size >= 1, 0 <= r <= 1; got "
+            f"n={n} blocks={blocks} candidates={candidates} pool_size={pool_size} threshold={threshold}"
+        )
+    if init not in INIT_STRATEGIES:
+        raise ValueError(f"unknown init strategy {init!r}; choose one of {INIT_STRATEGIES}")
+    ngram = ngram or n
+    device = next(model.parameters()).device
+    eos_ids = _as_set(eos_token_id)
+    generator = torch.Generator().manual_seed(seed)
+    batch = len(prompts)
+    tokens: list[list[int]] = [[] for _ in range(batch)]
+    accepted_per_pass: list[list[int]] = [[] for _ in range(batch)]
+    recycled: list[int] = [0] * batch  # passes whose longest run came from the pool
+    window_blocks: list[list[int]] = [[] for _ in range(batch)]
+    result = JacobiResult(tokens, accepted_per_pass, n, {"recycled_passes": recycled, "window_blocks": window_blocks})
+    if batch == 0 or max_new_tokens <= 0:
+        _finish_lockstep(model, all_done, pad_token_id, device)
+        return result
+    if any(len(prompt) == 0 for prompt in prompts):
+        raise ValueError("every prompt needs at least one token")
+
+    prompt_tensors = [torch.as_tensor(list(prompt), dtype=torch.long) for prompt in prompts]
+    cache, attention_mask, next_position, known = prefill(model, prompt_tensors, pad_token_id)
+    pools = [NGramPool(ngram, pool_size) for _ in range(batch)]
+    if candidates:
+        for pool, prompt in zip(pools, prompts):
+            pool.add_all(prompt)
+            for gram in ngrams:
+                pool.add(gram)
+    # Each row's window: a list of token ids, its first token known correct; its length is n * (blocks in flight).
+    guesses = initial_guess(prompt_tensors, n - 1, init, pad_token_id, generator)
+    windows = [[int(known[i])] + _guess_row(guesses[i], int(known[i]), init) for i in range(batch)]
+    in_flight = [1] * batch
+    rows = list(range(batch))  # original index of each active row
+
+    while _keep_going(bool(rows), all_done):
+        if not rows:
+            model(input_ids=torch.full((1, 1), pad_token_id, dtype=torch.long, device=device))
+            continue
+        # Segments of each row: its window, then up to G pool n-grams starting with the known-correct token.
+        segments = [
+            [windows[i]] + [list(g) for g in pools[row].candidates(windows[i][0], candidates, windows[i])]
+            for i, row in enumerate(rows)
+        ]
+        input_ids, position_ids, mask, offsets = _pack(segments, attention_mask, next_position, pad_token_id)
+        out = model(
+            input_ids=input_ids.to(device),
+            attention_mask=_additive(mask, out_dtype(model)).to(device),
+            position_ids=position_ids.to(device),
+            use_cache=True,
+            **cache_argument(model, cache),
+        )
+        predictions = out.logits.argmax(-1).cpu().tolist()
+        ids = input_ids.tolist()
+
+        keep_slots, keep_lengths, finished = [], [], []
+        for i, row in enumerate(rows):
+            runs = []
+            for start, length in offsets[i]:
+                x, q = ids[i][start : start + length], predictions[i][start : start + length]
+                runs.append((_accepted(x, q), start, length))
+            best = max(range(len(runs)), key=lambda s: (runs[s][0], -s))  # ties: the window (Jacobi state) wins
+            accepted, start, length = runs[best]
+            recycled[row] += best > 0
+            window, window_predictions = windows[i], predictions[i][: len(windows[i])]
+            winner_predictions = predictions[i][start : start + length]
+
+            committed = ids[i][start : start + accepted][: max_new_tokens - len(tokens[row])]
+            done = len(tokens[row]) + len(committed) >= max_new_tokens
+            for j, token in enumerate(committed):
+                if token in eos_ids:
+                    committed, done = committed[: j + 1], True
+                    break
+            tokens[row].extend(committed)
+            accepted_per_pass[row].append(len(committed))
+            window_blocks[row].append(in_flight[i])
+            keep_slots.append(list(range(start, start + accepted)))
+            keep_lengths.append(accepted)
+            # Fresh guesses are drawn for every row, finishing or not, in row order (the stream `jacobi` draws).
+            width = n * in_flight[i]
+            draws = initial_guess([prompt_tensors[row]], width - 1, init, pad_token_id, generator)[0]
+            if done:
+                finished.append(i)
+                continue
+            if candidates:
+                pools[row].add_all(window + window_predictions[-1:], range(len(window)))
+            # Blocks in flight next pass: grow while block 1 is settling, shrink when it is not.
+            settled = 1 + sum(window[k] == window_predictions[k - 1] for k in range(1, min(n, len(window))))
+            grow = settled >= threshold * n
+            grown = max(1, min(blocks, in_flight[i] + (1 if grow else -1)))
+            if grown > in_flight[i]:
+                more = initial_guess([prompt_tensors[row]], n * (grown - in_flight[i]), init, pad_token_id, generator)
+                draws = torch.cat([draws, more[0]])
+            in_flight[i], width = grown, n * grown
+            # Next window: the winner's predictions from q[a-1] on, then the window's, then fresh guesses.
+            merged = winner_predictions + window_predictions[length:]
+            carried = merged[accepted - 1 : accepted - 1 + width]
+            windows[i] = carried + _guess_row(draws[len(carried) - 1 : width - 1], carried[0], init)
+
+        attention_mask = _keep(cache, attention_mask, keep_slots, keep_lengths, device)
+        next_position = next_position + torch.tensor(keep_lengths)
+        if finished:
+            keep = [i for i in range(len(rows)) if i not in set(finished)]
+            rows, windows, in_flight = [rows[i] for i in keep], [windows[i] for i in keep], [in_flight[i] for i in keep]
+            if rows:
+                keep_index = torch.tensor(keep, dtype=torch.long)
+                cache.batch_select_indices(keep_index.to(device))
+                attention_mask, next_position = attention_mask[keep_index], next_position[keep_index]
+    return result
+
+
+def out_dtype(model: torch.nn.Module) -> torch.dtype:
+    return next(model.parameters()).dtype
+
+
+def _accepted(x: list[int], q: list[int]) -> int:
+    """a = 1 + leading run of i >= 1 with x[i] == q[i-1]."""
+    run = 1
+    while run < len(x) and x[run] == q[run - 1]:
+        run += 1
+    return run
+
+
+def _guess_row(fresh: torch.Tensor, first: int, init: str) -> list[int]:
+    """Fresh guesses for one row (the `repeat` strategy repeats the known-correct token)."""
+    return [first] * len(fresh) if init == "repeat" else fresh.tolist()
+
+
+def _pack(
+    segments: list[list[list[int]]], attention_mask: torch.Tensor, next_position: torch.Tensor, pad_token_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[list[tuple[int, int]]]]:
+    """Lay each row's segments side by side: ids, logical positions, a boolean mask [rows, 1, Q, cache + Q]
+    (cache slots as `attention_mask`; causal inside each segment, nothing across), each segment's (start, length).
+    """
+    width = max(sum(len(s) for s in row) for row in segments)
+    rows = len(segments)
+    ids = torch.full((rows, width), pad_token_id, dtype=torch.long)
+    positions = next_position[:, None].repeat(1, width)
+    segment_of = torch.full((rows, width), -1, dtype=torch.long)
+    index_in = torch.zeros((rows, width), dtype=torch.long)
+    offsets = []
+    for r, row in enumerate(segments):
+        start, spans = 0, []
+        for s, segment in enumerate(row):
+            span = slice(start, start + len(segment))
+            ids[r, span] = torch.tensor(segment)
+            index_in[r, span] = torch.arange(len(segment))
+            segment_of[r, span] = s
+            spans.append((start, len(segment)))
+            start += len(segment)
+        offsets.append(spans)
+    positions = positions + index_in
+    same = segment_of[:, :, None] == segment_of[:, None, :]
+    causal = index_in[:, None, :] <= index_in[:, :, None]
+    new = same & causal & (segment_of[:, :, None] >= 0)
+    new |= torch.eye(width, dtype=torch.bool)  # padding queries see themselves (no empty softmax rows)
+    old = attention_mask.bool()[:, None, :].expand(rows, width, -1)
+    return ids, positions, torch.cat([old, new], dim=-1)[:, None], offsets
+
+
+def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Boolean keep-mask -> additive float mask (0 where kept, the dtype's minimum elsewhere)."""
+    return torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, torch.finfo(dtype).min)
+
+
+def _keep(
+    cache: DynamicCache, attention_mask: torch.Tensor, slots: list[list[int]], lengths: list[int], device
+) -> torch.Tensor:
+    """Keep, per row, only the pass's cache slots in `slots` (relative to the pass), right-padded to the longest
+    with masked holes; return the attention mask over the cache slots that remain."""
+    past = attention_mask.shape[1]
+    longest = max(lengths)
+    index = torch.tensor([s + [s[-1]] * (longest - len(s)) for s in slots], dtype=torch.long, device=device)
+    for layer in cache.layers:
+        for name in ("keys", "values"):
+            states = getattr(layer, name)
+            gather = index[:, None, :, None].expand(-1, states.shape[1], -1, states.shape[3])
+            setattr(layer, name, torch.cat([states[:, :, :past], states[:, :, past:].gather(2, gather)], dim=2))
+    kept = (torch.arange(longest)[None] < torch.tensor(lengths)[:, None]).long()
+    return torch.cat([attention_mask, kept], dim=1)
