@@ -59,7 +59,37 @@ def test_bench_writes_the_documented_json(tmp_path, capsys):
     assert set(result["jacobi"]) >= {"tokens", "seconds", "tokens_per_s", "steps", "accepted_tokens_per_step"}
     assert result["jacobi"]["ar_agreement"] == 1.0
     assert result["ar"]["tokens"] == result["jacobi"]["tokens"] == 30
-    assert "greedy AR" in out and "Jacobi n=4" in out
+    assert "greedy AR" in out and "jacobi n=4" in out
+
+
+def test_bench_decoders_n_auto_and_spec_bench_records(tmp_path, capsys):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"x = {i} + {i} + {i} +"}) + "\n" for i in range(3)))
+    output = tmp_path / "r.json"
+    argv = ["bench", "--model", "tiny", "--prompts", str(prompts), "--n", "auto", "--n-candidates", "2,4"]
+    argv += ["--decoder", "multiblock", "--decoder", "multiblock+recycle", "--ar-dtype", "float32"]
+    code, out, _ = run([*argv, "--max-new-tokens", "9", "--dtype", "float64", "--output", str(output)], capsys)
+    assert code == 0, out
+    result = json.loads(output.read_text())
+    assert result["n"] in (2, 4) and [row["n"] for row in result["n_auto"]] == [2, 4]
+    assert set(result["decoders"]) == {"jacobi", "multiblock", "multiblock+recycle"}
+    for entry in result["decoders"].values():
+        assert set(entry) >= set(result["jacobi"]) and entry["ar_agreement"] == 1.0
+    assert set(result["ar_variants"]) == {"eager float64", "eager float32"}
+    assert result["ar"]["variant"] in result["ar_variants"]
+    records = {path.name for path in (tmp_path / "r.records").iterdir()}
+    assert records == {"ar.jsonl", "jacobi.jsonl", "multiblock.jsonl", "multiblock_recycle.jsonl"}
+    line = json.loads((tmp_path / "r.records" / "multiblock.jsonl").read_text().splitlines()[0])
+    choice = line["choices"][0]
+    assert choice["new_tokens"] == [sum(choice["accept_lengths"])] == [9]
+    assert "n = " in out and "Spec-Bench x" in out
+
+
+@pytest.mark.parametrize("decoder", ["recycle", "multiblock+recycle"])
+def test_generate_takes_a_decoder(capsys, decoder):
+    argv = ["generate", "--model", "tiny", "--prompt", "ab ab ab ab", "--max-new-tokens", "8", "--decoder", decoder]
+    code, out, _ = run(argv, capsys)
+    assert code == 0 and f"[{decoder} n=16]" in out and "8 tokens in" in out
 
 
 def test_bench_humaneval_prompt_set_loads():
@@ -80,6 +110,9 @@ def test_bench_humaneval_prompt_set_loads():
         (["bench", "--model", "tiny", "--prompts", "BAD"], "bad.jsonl:2: malformed JSON"),
         (["bench", "--model", "tiny", "--prompts", "humaneval", "--n", "0"], "--n must be >= 1"),
         (["bench", "--model", "tiny"], "--prompts"),
+        (["bench", "--model", "tiny", "--prompts", "humaneval", "--decoder", "medusa"], "unknown --decoder 'medusa'"),
+        (["generate", "--model", "tiny", "--prompt", "x", "--n", "auto"], "--n auto is a bench option"),
+        (["generate", "--model", "tiny", "--prompt", "x", "--threshold", "2"], "--threshold must be in [0, 1]"),
         (["nonsense"], "unknown command"),
     ],
 )

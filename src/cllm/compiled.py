@@ -1,0 +1,205 @@
+"""The fast path (`--compile`): a static KV cache and a `torch.compile`d fixed-shape step, for greedy AR and Jacobi.
+
+Every decode pass has the same shape ([batch, 1] for AR, [batch, n] for Jacobi) against a preallocated cache of
+`max_len` slots, so the compiled graph is built once per (model, batch, max_len, width) and reused across prompts.
+Slots are physical: a Jacobi pass writes its n slots at the write pointer s, keeps the first `longest` of them
+(s += longest, the rest is overwritten next pass) and masks each row's rejected slots ("holes"), exactly as the
+dynamic-cache decoder does; positions stay logical. Finished rows stay in the batch (the shape is fixed) and are
+ignored. The mask is a 4D additive mask built outside the compiled region, so no shape ever changes inside it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from transformers import StaticCache
+
+from cllm.jacobi import (
+    INIT_STRATEGIES,
+    JacobiResult,
+    _as_set,
+    _fill_block,
+    accepted_lengths,
+    cache_argument,
+    left_pad,
+)
+
+SLOT_ROUNDING = 128  # max_len is rounded up to a multiple of this, so prompts of similar length share one graph
+
+
+class StaticRunner:
+    """One model, one preallocated cache, one (optionally compiled) step that returns the argmax predictions."""
+
+    def __init__(self, model: torch.nn.Module, max_len: int, compile: bool) -> None:
+        self.model, self.max_len = model, max_len
+        self.cache = StaticCache(config=model.config, max_cache_len=max_len)
+        self.step = torch.compile(self._forward, dynamic=False) if compile else self._forward
+
+    def _forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        out = self.model(
+            input_ids=input_ids,
+            position_ids=position_ids,
+            attention_mask=mask,
+            use_cache=True,
+            **cache_argument(self.model, self.cache),
+        )
+        return out.logits.argmax(-1)
+
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Eager pass over the left-padded prompts (shapes vary, so it is not compiled); first predictions."""
+        self.cache.reset()
+        valid = torch.zeros((len(input_ids), self.max_len), dtype=torch.bool)
+        valid[:, : input_ids.shape[1]] = attention_mask.bool()
+        out = self.model(
+            input_ids=input_ids.to(self.device),
+            position_ids=(attention_mask.cumsum(-1) - 1).clamp(min=0).to(self.device),
+            attention_mask=self.mask(valid, 0, input_ids.shape[1]),
+            use_cache=True,
+            logits_to_keep=1,
+            **cache_argument(self.model, self.cache),
+        )
+        return out.logits[:, -1].argmax(-1).cpu()
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def mask(self, valid: torch.Tensor, start: int, width: int) -> torch.Tensor:
+        """[rows, 1, width, max_len] additive mask: query i (slot start + i) sees the valid slots up to its own."""
+        slots = torch.arange(self.max_len)
+        allowed = valid[:, None, :] & (slots[None, None, :] <= start + torch.arange(width)[None, :, None])
+        dtype = next(self.model.parameters()).dtype
+        mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+        return mask[:, None].to(self.device)
+
+    def run(self, block: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, start: int) -> torch.Tensor:
+        """One pass over `block` written at slots start.. (marked valid here; the caller masks the rejected)."""
+        valid[:, start : start + block.shape[1]] = True
+        mask = self.mask(valid, start, block.shape[1])
+        return self.step(block.to(self.device), positions.to(self.device), mask).cpu()
+
+
+def runner(model: torch.nn.Module, batch: int, needed: int, width: int, compile: bool) -> StaticRunner:
+    """The cached runner for this shape (compiling once per model, batch, rounded max_len, width, compile)."""
+    max_len = -(-needed // SLOT_ROUNDING) * SLOT_ROUNDING
+    runners = model.__dict__.setdefault("_cllm_static_runners", {})
+    key = (batch, max_len, width, compile)
+    if key not in runners:
+        runners[key] = StaticRunner(model, max_len, compile)
+    return runners[key]
+
+
+def jacobi_slots(width: int, n: int, max_new_tokens: int, batch: int) -> int:
+    """Cache slots a Jacobi decode may need: the pointer advances by the batch's longest run each pass."""
+    return width + n + max_new_tokens * (1 if batch == 1 else n)
+
+
+@torch.no_grad()
+def static_greedy_ar(
+    model: torch.nn.Module,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    eos_token_id: int | Sequence[int] | None = None,
+    pad_token_id: int = 0,
+    compile: bool = True,
+    max_len: int = 0,
+) -> list[list[int]]:
+    """Greedy AR with a static cache and a compiled [batch, 1] step; returns each row's generated ids.
+
+    `max_len`: cache slots to allocate at least (pass the largest any call will need, so one graph serves all).
+    """
+    eos_ids = _as_set(eos_token_id)
+    tokens: list[list[int]] = [[] for _ in prompts]
+    if not prompts or max_new_tokens <= 0:
+        return tokens
+    input_ids, attention_mask = left_pad(prompts, pad_token_id)
+    width = input_ids.shape[1]
+    run = runner(model, len(prompts), max(width + max_new_tokens, max_len), 1, compile)
+    valid = torch.zeros((len(prompts), run.max_len), dtype=torch.bool)
+    valid[:, :width] = attention_mask.bool()
+    token = run.prefill(input_ids, attention_mask)
+    positions = attention_mask.sum(-1)
+    done = [False] * len(prompts)
+    start = width
+    while True:
+        for row, value in enumerate(token.tolist()):
+            if not done[row]:
+                tokens[row].append(value)
+                done[row] = value in eos_ids or len(tokens[row]) >= max_new_tokens
+        if all(done):
+            return tokens
+        token = run.run(token[:, None], positions[:, None], valid, start)[:, 0]
+        start, positions = start + 1, positions + 1
+
+
+@torch.no_grad()
+def static_jacobi_generate(
+    model: torch.nn.Module,
+    prompts: Sequence[Sequence[int]],
+    *,
+    n: int = 16,
+    max_new_tokens: int = 256,
+    eos_token_id: int | Sequence[int] | None = None,
+    pad_token_id: int = 0,
+    init: str = "context",
+    seed: int = 0,
+    compile: bool = True,
+    max_len: int = 0,
+) -> JacobiResult:
+    """`cllm.jacobi.jacobi_generate` on the fast path: same arguments, same outputs and passes (same guesses).
+
+    `max_len` as in `static_greedy_ar` (see `jacobi_slots`).
+    """
+    if n < 1 or init not in INIT_STRATEGIES:
+        raise ValueError(f"need n >= 1 and init in {INIT_STRATEGIES}; got n={n}, init={init!r}")
+    eos_ids = _as_set(eos_token_id)
+    generator = torch.Generator().manual_seed(seed)
+    batch = len(prompts)
+    tokens: list[list[int]] = [[] for _ in range(batch)]
+    accepted_per_pass: list[list[int]] = [[] for _ in range(batch)]
+    if batch == 0 or max_new_tokens <= 0:
+        return JacobiResult(tokens, accepted_per_pass, n)
+    prompt_tensors = [torch.as_tensor(list(prompt), dtype=torch.long) for prompt in prompts]
+    input_ids, attention_mask = left_pad(prompts, pad_token_id)
+    width = input_ids.shape[1]
+    # Holes: the write pointer advances by the batch's longest run, up to n per pass for every committed token.
+    run = runner(model, batch, max(jacobi_slots(width, n, max_new_tokens, batch), max_len), n, compile)
+    valid = torch.zeros((batch, run.max_len), dtype=torch.bool)
+    valid[:, :width] = attention_mask.bool()
+    known = run.prefill(input_ids, attention_mask)
+    positions = attention_mask.sum(-1)
+    block = _fill_block(known[:, None], n, prompt_tensors, init, pad_token_id, generator)
+    active = list(range(batch))
+    offsets = torch.arange(n)
+    start = width
+    while active:
+        predictions = run.run(block, positions[:, None] + offsets, valid, start)
+        accepted = accepted_lengths(block, predictions)
+        finished = set()
+        for row in active:
+            committed = block[row, : accepted[row]].tolist()[: max_new_tokens - len(tokens[row])]
+            done = len(tokens[row]) + len(committed) >= max_new_tokens
+            for j, token in enumerate(committed):
+                if token in eos_ids:
+                    committed, done = committed[: j + 1], True
+                    break
+            tokens[row].extend(committed)
+            accepted_per_pass[row].append(len(committed))
+            if done:
+                finished.add(row)
+        live = torch.zeros(batch, dtype=torch.bool)
+        live[active] = True
+        accepted = torch.where(live, accepted, 0)
+        longest = int(accepted.max())
+        run.cache.crop(longest - n)
+        valid[:, start : start + n] = offsets < accepted[:, None]  # holes; slots past `longest` are rewritten
+        start, positions = start + longest, positions + accepted
+        # Next block: q[a-1], q[a:], then fresh guesses (drawn for the rows active in this pass, as jacobi does).
+        index = (accepted[:, None] - 1).clamp(min=0) + offsets
+        carried = predictions.gather(1, index.clamp(max=n - 1))
+        fresh = _fill_block(carried[active, :1], n, [prompt_tensors[r] for r in active], init, pad_token_id, generator)
+        block[active] = torch.where(index[active] < n, carried[active], fresh)
+        active = [row for row in active if row not in finished]
+    return JacobiResult(tokens, accepted_per_pass, n)

@@ -1,0 +1,50 @@
+"""The fast path (static cache, compiled step) equals eager greedy AR and eager Jacobi (float64, tiny models)."""
+
+import pytest
+from test_jacobi import MAX_NEW_TOKENS, hf_greedy, random_prompts
+
+from cllm.compiled import static_greedy_ar, static_jacobi_generate
+from cllm.jacobi import jacobi_generate
+
+
+@pytest.mark.parametrize("lengths", [(7,), (5, 12, 3, 9)], ids=["batch1", "batch4"])
+def test_static_ar_equals_greedy_ar(tiny_float64, lengths):
+    model, _ = tiny_float64
+    prompts = random_prompts(lengths, seed=2)
+    tokens = static_greedy_ar(model, prompts, max_new_tokens=MAX_NEW_TOKENS, compile=False)
+    assert tokens == [hf_greedy(model, p, MAX_NEW_TOKENS) for p in prompts]
+
+
+@pytest.mark.parametrize("n", [2, 4, 16])
+@pytest.mark.parametrize("lengths", [(7,), (5, 12, 3, 9)], ids=["batch1", "batch4"])
+def test_static_jacobi_is_jacobi_pass_for_pass(tiny_float64, n, lengths):
+    model, _ = tiny_float64
+    prompts = random_prompts(lengths, seed=6)
+    kwargs = {"n": n, "max_new_tokens": MAX_NEW_TOKENS, "seed": 1}
+    ours = static_jacobi_generate(model, prompts, compile=False, **kwargs)
+    reference = jacobi_generate(model, prompts, **kwargs)
+    assert ours.tokens == reference.tokens
+    assert ours.accepted_per_pass == reference.accepted_per_pass
+
+
+def test_static_paths_stop_at_eos_per_row(tiny_float64):
+    model, _ = tiny_float64
+    prompts = random_prompts((6, 11, 4), seed=5)
+    eos = hf_greedy(model, prompts[1], MAX_NEW_TOKENS)[9]
+    expected = [hf_greedy(model, p, MAX_NEW_TOKENS, eos=eos) for p in prompts]
+    assert static_greedy_ar(model, prompts, max_new_tokens=MAX_NEW_TOKENS, eos_token_id=eos, compile=False) == expected
+    result = static_jacobi_generate(model, prompts, n=4, max_new_tokens=MAX_NEW_TOKENS, eos_token_id=eos, compile=False)
+    assert result.tokens == expected
+
+
+@pytest.mark.slow
+def test_compiled_equals_eager(tiny_float64):
+    model, _ = tiny_float64
+    prompts = random_prompts((5, 9), seed=3)
+    expected = [hf_greedy(model, p, 20) for p in prompts]
+    for _ in range(2):  # the second call reuses the compiled graph with a fresh cache
+        assert static_greedy_ar(model, prompts, max_new_tokens=20, compile=True) == expected
+        compiled = static_jacobi_generate(model, prompts, n=4, max_new_tokens=20, compile=True)
+        eager = jacobi_generate(model, prompts, n=4, max_new_tokens=20)
+        assert compiled.tokens == expected
+        assert compiled.accepted_per_pass == eager.accepted_per_pass

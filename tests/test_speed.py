@@ -1,0 +1,41 @@
+"""Spec-Bench's speed figures, the AR winner and `--n auto`'s choice, on hand-made runs."""
+
+import pytest
+
+from cllm.speed import Run, choose_n, fastest, per_sample_rate, spec_bench_speedup
+
+
+def test_spec_bench_speedup_is_the_mean_of_per_sample_rates():
+    # Two samples: 10 tokens in 1 s and 30 tokens in 1 s (mean 20/s); our pooled rate is 40 / 2 = 20/s too here,
+    # but the baseline's pooled (12 / 4 = 3/s) and per-sample (mean(2, 6) = 4/s) rates differ.
+    run = Run("x", [[1] * 10, [1] * 30], [[5, 5], [10, 10, 10]], [1.0, 1.0], [1.0, 1.0])
+    baseline = Run("ar", [[1] * 6, [1] * 6], [[1] * 6, [1] * 6], [3.0, 1.0], [3.0, 1.0])
+    assert per_sample_rate(run) == 20.0 and per_sample_rate(baseline) == 4.0
+    assert spec_bench_speedup(run, baseline) == 5.0
+    figures = run.figures(reference=[[1] * 10, [2]])
+    assert figures["accepted_tokens_per_step"] == (10 / 2 + 30 / 3) / 2
+    assert figures["steps"] == 5 and figures["ar_agreement"] == 0.5 and figures["tokens_per_s"] == 20.0
+
+
+def test_a_batch_is_timed_once():
+    run = Run("x", [[1] * 4, [1] * 2], [[4], [2]], [2.0, 2.0], [2.0])  # one batch of two samples, 2 s
+    assert run.seconds == 2.0 and run.figures()["tokens_per_s"] == 3.0
+
+
+def test_fastest_ar_wins():
+    slow = Run("eager", [[1] * 10], [[1] * 10], [2.0], [2.0])
+    quick = Run("compiled", [[1] * 10], [[1] * 10], [1.0], [1.0])
+    assert fastest([slow, quick]).name == "compiled"
+
+
+def test_n_auto_maximises_tokens_per_step_over_pass_cost():
+    # n=4: 2 tokens/pass at 0.1 s/pass (20 tok/s); n=16: 3 tokens/pass at 0.3 s/pass (10 tok/s)
+    figures = {4: (2, 0.1), 16: (3, 0.3)}
+
+    def measure(n):
+        tpf, cost = figures[n]
+        return Run("j", [[1] * (tpf * 5)], [[tpf] * 5], [5 * cost], [5 * cost])
+
+    n, table = choose_n(measure, [4, 16])
+    assert n == 4
+    assert [row["score"] for row in table] == pytest.approx([20.0, 10.0])
