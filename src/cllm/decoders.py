@@ -298,11 +298,14 @@ def _keep(
     with masked holes; return the attention mask over the cache slots that remain."""
     past = attention_mask.shape[1]
     longest = max(lengths)
+    kept = (torch.arange(longest)[None] < torch.tensor(lengths)[:, None]).long()
+    if all(s[0] == 0 for s in slots):  # every winner is the window itself: crop, as `jacobi` does (no copy)
+        cache.crop(past + longest - cache.get_seq_length())
+        return torch.cat([attention_mask, kept], dim=1)
     index = torch.tensor([s + [s[-1]] * (longest - len(s)) for s in slots], dtype=torch.long, device=device)
     for layer in cache.layers:
         for name in ("keys", "values"):
             states = getattr(layer, name)
             gather = index[:, None, :, None].expand(-1, states.shape[1], -1, states.shape[3])
             setattr(layer, name, torch.cat([states[:, :, :past], states[:, :, past:].gather(2, gather)], dim=2))
-    kept = (torch.arange(longest)[None] < torch.tensor(lengths)[:, None]).long()
     return torch.cat([attention_mask, kept], dim=1)
