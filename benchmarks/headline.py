@@ -27,10 +27,11 @@ from cllm.bench import greedy_ar
 from cllm.callbacks.accepted_tokens import common_prefix_fraction, has_repeated_run
 from cllm.data_modules.json_extract import score_output
 from cllm.data_modules.prompts import encode_prompts, load_prompts
+from cllm.decoders import decode_batched
 from cllm.errors import UserError
 from cllm.evaluation import humaneval_pass_at_1, require_sandbox
 from cllm.files import write_json
-from cllm.jacobi import JacobiResult, decode_batched
+from cllm.jacobi import JacobiResult
 from cllm.models import eos_ids, load_model
 from cllm.records import REPETITION_LIMIT
 from cllm.tracking import read_metrics_csv

@@ -20,7 +20,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torchmetrics import MaxMetric, MeanMetric, SumMetric
 
 from cllm.data_modules.prompts import encode_prompts, load_prompts
-from cllm.jacobi import decode_batched
+from cllm.decoders import decode_batched
 from cllm.models import eos_ids
 from cllm.records import longest_run
 
@@ -97,6 +97,8 @@ class AcceptedTokensCallback(Callback):
         chat_template: encode through the chat template; None takes the data module's setting (default True).
         degenerate_run: a run of this many identical tokens marks an output degenerate.
         samples: how many (prompt, base, current) samples to keep for the W&B table.
+        decoder: which decoder measures acceptance (a name in `cllm.decoders.DECODERS`; default jacobi).
+        decoder_options: its settings (blocks, threshold, candidates, pool_size, ngram; see `cllm.decoders`).
     """
 
     def __init__(
@@ -110,10 +112,13 @@ class AcceptedTokensCallback(Callback):
         chat_template: bool | None = None,
         degenerate_run: int = 10,
         samples: int = 4,
+        decoder: str = "jacobi",
+        decoder_options: dict | None = None,
     ) -> None:
         self.prompts, self.num_prompts, self.n = prompts, num_prompts, n
         self.max_new_tokens, self.every_k_validations, self.batch_size = max_new_tokens, every_k_validations, batch_size
         self.chat_template, self.degenerate_run, self.samples = chat_template, degenerate_run, samples
+        self.decoder, self.decoder_options = decoder, decoder_options
         self.validations = 0
         self.base: dict[str, float] = {}
         self.last: dict[str, float] = {}
@@ -211,6 +216,8 @@ class AcceptedTokensCallback(Callback):
                 if trainer.world_size > 1
                 else None,
                 n=self._n(trainer),
+                decoder=self.decoder,
+                options=self.decoder_options,
                 max_new_tokens=self.max_new_tokens,
                 eos_token_id=eos_ids(pl_module.model, tokenizer),
                 pad_token_id=tokenizer.pad_token_id or 0,

@@ -66,7 +66,7 @@ def test_bench_decoders_n_auto_and_spec_bench_records(tmp_path, capsys):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"x = {i} + {i} + {i} +"}) + "\n" for i in range(3)))
     output = tmp_path / "r.json"
-    argv = ["bench", "--model", "tiny", "--prompts", str(prompts), "--n", "auto", "--n-candidates", "2,4"]
+    argv = ["bench", "--model", "tiny", "--prompts", str(prompts), "--n", "auto", "--n-candidates", "2", "4"]
     argv += ["--decoder", "multiblock", "--decoder", "multiblock+recycle", "--ar-dtype", "float32"]
     code, out, _ = run([*argv, "--max-new-tokens", "9", "--dtype", "float64", "--output", str(output)], capsys)
     assert code == 0, out
@@ -178,7 +178,10 @@ def test_config_file_feeds_any_command(tmp_path, monkeypatch, capsys):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["generate", "--model", "tiny", "--prompt", "x", "--n", "abc"], "--n: expected int, got 'abc'"),
+        (
+            ["generate", "--model", "tiny", "--prompt", "x", "--n", "abc"],
+            "--n: expected int or one of 'auto', got 'abc'",
+        ),
         (
             ["trajectories", "--model", "tiny", "--init", "zz"],
             "--init: expected one of 'context', 'repeat', 'pad', got 'zz'",
@@ -194,3 +197,14 @@ def test_bad_flag_is_one_line_naming_the_option(argv, message, capsys):
     code, _, err = run(argv, capsys)
     assert code == 2
     assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_repeated_list_flag_adds_to_the_earlier_one():
+    from cllm.arguments import normalize_flags
+
+    argv = ["--decoder", "jacobi", "--n", "4", "--decoder", "recycle", "multiblock"]
+    assert normalize_flags(argv, lists=frozenset({"decoder"})) == [
+        "--n",
+        "4",
+        '--decoder=["jacobi", "recycle", "multiblock"]',
+    ]

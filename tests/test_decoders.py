@@ -4,8 +4,7 @@ import pytest
 import torch
 from test_jacobi import MAX_NEW_TOKENS, hf_greedy, random_prompts
 
-from cllm.decoders import DECODERS, NGramPool, _pack, decode, multiblock_generate
-from cllm.errors import UserError
+from cllm.decoders import DECODERS, NGramPool, _pack, decode_batched, multiblock_generate
 from cllm.jacobi import jacobi_generate
 from cllm.models import load_model
 
@@ -35,13 +34,13 @@ def check_statistics(result, lengths, n_most):
         assert result.accepted_tokens_per_step[row] == len(tokens) / result.forward_passes[row]
 
 
-@pytest.mark.parametrize("decoder", DECODERS[1:])  # `jacobi` itself: tests/test_jacobi.py
+@pytest.mark.parametrize("decoder", list(DECODERS)[1:])  # `jacobi` itself: tests/test_jacobi.py
 @pytest.mark.parametrize("n", [2, 4, 16])
 @pytest.mark.parametrize("lengths", [(7,), (5, 12, 3, 9)], ids=["batch1", "batch4"])
 def test_every_decoder_equals_greedy_ar(seeded_model, decoder, n, lengths):
     model, seed = seeded_model
     prompts = random_prompts(lengths, seed)
-    result = decode(decoder, model, prompts, n=n, max_new_tokens=MAX_NEW_TOKENS, seed=seed, **OPTIONS[decoder])
+    result = DECODERS[decoder](model, prompts, n=n, max_new_tokens=MAX_NEW_TOKENS, seed=seed, **OPTIONS[decoder])
     assert result.tokens == [reference(model, prompt, MAX_NEW_TOKENS) for prompt in prompts]
     blocks = OPTIONS[decoder].get("blocks", 1)
     check_statistics(result, [MAX_NEW_TOKENS] * len(prompts), n * blocks)
@@ -69,7 +68,7 @@ def test_blocks_and_candidates_with_eos_inside_a_block(tiny_float64, blocks, can
         assert result.tokens == expected
         check_statistics(result, [len(e) for e in expected], n * blocks)
         if blocks > 1:  # r = 0: the window grows to K blocks after the first pass
-            assert max(max(k) for k in result.extra["window_blocks"]) == blocks
+            assert max(max(k) for k in result.window_blocks) == blocks
 
 
 @pytest.mark.parametrize("init", ["context", "repeat", "pad"])
@@ -89,12 +88,12 @@ def test_a_planted_perfect_ngram_is_accepted_whole(tiny_float64, decoder):
     (prompt,) = random_prompts((5,), seed=3)
     n = 8
     continuation = hf_greedy(model, prompt, 2 * n)
-    result = decode(
-        decoder, model, [prompt], n=n, max_new_tokens=2 * n, init="pad", ngrams=[continuation[:n]], candidates=1
+    result = DECODERS[decoder](
+        model, [prompt], n=n, max_new_tokens=2 * n, init="pad", ngrams=[continuation[:n]], candidates=1
     )
     assert result.tokens[0] == continuation
     assert result.accepted_per_pass[0][0] == n  # the whole n-gram in the first pass
-    assert result.extra["recycled_passes"][0] >= 1
+    assert result.recycled_passes[0] >= 1
 
 
 def test_repeated_text_is_recycled_from_the_prompt(tiny_float64):
@@ -103,8 +102,8 @@ def test_repeated_text_is_recycled_from_the_prompt(tiny_float64):
     (seed_prompt,) = random_prompts((4,), seed=7)
     text = seed_prompt + hf_greedy(model, seed_prompt, 40)
     prompt, target = text[:30], text[30:]
-    plain = decode("jacobi", model, [prompt], n=4, max_new_tokens=10)
-    recycled = decode("recycle", model, [prompt], n=4, max_new_tokens=10, candidates=4)
+    plain = DECODERS["jacobi"](model, [prompt], n=4, max_new_tokens=10)
+    recycled = DECODERS["recycle"](model, [prompt], n=4, max_new_tokens=10, candidates=4)
     assert recycled.tokens == plain.tokens == [target[:10]]
 
 
@@ -135,6 +134,13 @@ def test_segments_are_causal_alone_and_see_the_cache():
     assert mask[1, 0, 1].long().tolist() == [1, 1, 0, 1, 0, 0, 0]  # a padding query sees the cache and itself
 
 
-def test_unknown_decoder_is_a_user_error(tiny_float64):
-    with pytest.raises(UserError, match="unknown decoder"):
-        decode("lookahead", tiny_float64[0], [[5]])
+def test_decode_batched_gives_each_decoder_its_own_options(tiny_float64):
+    model, _ = tiny_float64
+    prompts = random_prompts((4, 7, 5), seed=8)
+    options = {"blocks": 2, "threshold": 0.0, "candidates": 2, "pool_size": 4, "ngram": 3}
+    expected = [reference(model, p, 12) for p in prompts]
+    for name in DECODERS:
+        merged = decode_batched(model, prompts, batch_size=2, decoder=name, options=options, n=4, max_new_tokens=12)
+        assert merged.tokens == expected
+    with pytest.raises(ValueError, match="unknown decoder 'lookahead'"):
+        decode_batched(model, prompts, batch_size=2, decoder="lookahead", n=4)

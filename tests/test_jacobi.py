@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from cllm.jacobi import DECODERS, accepted_lengths, decode_batched, jacobi_generate, jacobi_step
+from cllm.decoders import DECODERS, decode_batched
+from cllm.jacobi import accepted_lengths, jacobi_generate, jacobi_step
 from cllm.models import eos_ids, load_model
 
 MAX_NEW_TOKENS = 37  # deliberately not a multiple of any block size

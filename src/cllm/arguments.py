@@ -61,7 +61,8 @@ def normalize_flags(
 ) -> list[str]:
     """Both spellings, bare booleans and lists: `--max-new-tokens 8` -> `--max_new_tokens 8`; for a name in
     `booleans`, `--clean` (followed by another flag or nothing) -> `--clean=true` and `--no-clean` ->
-    `--clean=false`; for a name in `lists`, `--overlays a b` -> `--overlays=["a", "b"]`.
+    `--clean=false`; for a name in `lists`, `--overlays a b` -> `--overlays=["a", "b"]` (and a repeated list flag
+    adds to the earlier one: `--decoder a --decoder b` -> `--decoder=["a", "b"]`).
 
     Only flag names (before any `=`) change; values, and everything after a lone `--`, stay as they are.
     """
@@ -87,6 +88,10 @@ def normalize_flags(
             while i < len(argv) and not argv[i].startswith("--"):
                 values.append(argv[i])
                 i += 1
+            earlier = f"--{name}="
+            if repeated := [k for k, a in enumerate(result) if a.startswith(earlier) and a[len(earlier) :][:1] == "["]:
+                # a repeated list flag adds to the earlier one: `--decoder a --decoder b` -> ["a", "b"]
+                values = json.loads(result.pop(repeated[-1])[len(earlier) :]) + values
             result.append(f"--{name}={json.dumps(values)}")
         else:
             result.append(f"--{name}{equals}{value}")

@@ -1,4 +1,4 @@
-"""Decoders beyond one Jacobi block, all lossless against greedy AR, behind one name: `decode(name, ...)`.
+"""Decoders beyond one Jacobi block, all lossless against greedy AR, and the one batched-decode helper.
 
 - `jacobi`: one n-token block per pass (`cllm.jacobi.jacobi_generate`).
 - `multiblock`: up to K blocks in flight. The window holds block 1 (the one being committed) and draft blocks
@@ -12,6 +12,9 @@
   on its own, lookahead-style); the longest verified run is committed.
 - `multiblock+recycle`: both (Jacobi Forcing's "MR").
 
+`DECODERS` names them all; `decode_batched` (bench, the accepted-tokens callback and the headline) runs any of them
+over a prompt list in batches.
+
 The acceptance rule is the same for every segment s (tokens `x`, predictions `q`, first token known correct):
 `a_s = 1 + max{k : x[i] == q[i-1] for 1 <= i <= k}`; the winner commits `x[:a]` and `q[a-1]` becomes the next
 known-correct token, so each pass commits >= 1 token of greedy AR's output. The KV cache keeps the winner's
@@ -20,12 +23,14 @@ accepted slots only (rectangular over the batch, holes masked, logical positions
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from transformers import DynamicCache
 
-from cllm.errors import UserError
 from cllm.jacobi import (
     INIT_STRATEGIES,
     JacobiResult,
@@ -38,7 +43,6 @@ from cllm.jacobi import (
     prefill,
 )
 
-DECODERS = ("jacobi", "multiblock", "recycle", "multiblock+recycle")
 DEFAULT_BLOCKS = 2  # K: blocks in flight for multiblock
 DEFAULT_THRESHOLD = 0.5  # r: settled share of block 1 that starts a draft block
 DEFAULT_CANDIDATES = 2  # G: pool n-grams verified per pass for recycle
@@ -75,23 +79,12 @@ class NGramPool:
         return picked[:count]
 
 
-def decode(name: str, model: torch.nn.Module, prompts: Sequence[Sequence[int]], **kwargs) -> JacobiResult:
-    """Run decoder `name` (one of DECODERS); kwargs are those of `jacobi_generate` plus, for the others,
-    `blocks` (K), `threshold` (r), `candidates` (G), `pool_size`, `ngram` (n-gram length, default n)."""
-    if name not in DECODERS:
-        raise UserError(f"unknown decoder {name!r}; choose one of {', '.join(DECODERS)}")
-    options = {
-        key: kwargs.pop(key)
-        for key in ("blocks", "threshold", "candidates", "pool_size", "ngram", "ngrams")
-        if key in kwargs
-    }
-    if name == "jacobi":
-        return jacobi_generate(model, prompts, **kwargs)
-    if "multiblock" not in name:
-        options["blocks"] = 1
-    if "recycle" not in name:
-        options["candidates"] = 0
-    return multiblock_generate(model, prompts, **kwargs, **options)
+@dataclass
+class MultiblockResult(JacobiResult):
+    """`JacobiResult` plus, per row, the passes won by a recycled n-gram and the blocks in flight at each pass."""
+
+    recycled_passes: list[int] = field(default_factory=list)
+    window_blocks: list[list[int]] = field(default_factory=list)
 
 
 @torch.no_grad()
@@ -112,7 +105,7 @@ def multiblock_generate(
     init: str = "context",
     seed: int = 0,
     all_done: Callable[[bool], bool] | None = None,
-) -> JacobiResult:
+) -> MultiblockResult:
     """Greedy decoding with up to `blocks` Jacobi blocks in flight and `candidates` recycled n-grams per pass.
 
     Args:
@@ -140,7 +133,7 @@ def multiblock_generate(
     accepted_per_pass: list[list[int]] = [[] for _ in range(batch)]
     recycled: list[int] = [0] * batch  # passes whose longest run came from the pool
     window_blocks: list[list[int]] = [[] for _ in range(batch)]
-    result = JacobiResult(tokens, accepted_per_pass, n, {"recycled_passes": recycled, "window_blocks": window_blocks})
+    result = MultiblockResult(tokens, accepted_per_pass, n, recycled, window_blocks)
     if batch == 0 or max_new_tokens <= 0:
         _finish_lockstep(model, all_done, pad_token_id, device)
         return result
@@ -156,7 +149,7 @@ def multiblock_generate(
             for gram in ngrams:
                 pool.add(gram)
     # Each row's window: a list of token ids, its first token known correct; its length is n * (blocks in flight).
-    guesses = initial_guess(prompt_tensors, n - 1, init, pad_token_id, generator)
+    guesses = _guesses(prompt_tensors, n - 1, init, pad_token_id, generator)
     windows = [[int(known[i])] + _guess_row(guesses[i], int(known[i]), init) for i in range(batch)]
     in_flight = [1] * batch
     rows = list(range(batch))  # original index of each active row
@@ -206,7 +199,7 @@ def multiblock_generate(
             keep_lengths.append(accepted)
             # Fresh guesses are drawn for every row, finishing or not, in row order (the stream `jacobi` draws).
             width = n * in_flight[i]
-            draws = initial_guess([prompt_tensors[row]], width - 1, init, pad_token_id, generator)[0]
+            draws = _guesses([prompt_tensors[row]], width - 1, init, pad_token_id, generator)[0]
             if done:
                 finished.append(i)
                 continue
@@ -217,7 +210,7 @@ def multiblock_generate(
             grow = settled >= threshold * n
             grown = max(1, min(blocks, in_flight[i] + (1 if grow else -1)))
             if grown > in_flight[i]:
-                more = initial_guess([prompt_tensors[row]], n * (grown - in_flight[i]), init, pad_token_id, generator)
+                more = _guesses([prompt_tensors[row]], n * (grown - in_flight[i]), init, pad_token_id, generator)
                 draws = torch.cat([draws, more[0]])
             in_flight[i], width = grown, n * grown
             # Next window: the winner's predictions from q[a-1] on, then the window's, then fresh guesses.
@@ -247,6 +240,11 @@ def _accepted(x: list[int], q: list[int]) -> int:
     while run < len(x) and x[run] == q[run - 1]:
         run += 1
     return run
+
+
+def _guesses(prompts: Sequence[torch.Tensor], count: int, init: str, pad_token_id: int, generator) -> torch.Tensor:
+    """`initial_guess`, with `repeat` drawn as padding (it draws nothing) and filled in by `_guess_row`."""
+    return initial_guess(prompts, count, "pad" if init == "repeat" else init, pad_token_id, generator)
 
 
 def _guess_row(fresh: torch.Tensor, first: int, init: str) -> list[int]:
@@ -309,3 +307,57 @@ def _keep(
             gather = index[:, None, :, None].expand(-1, states.shape[1], -1, states.shape[3])
             setattr(layer, name, torch.cat([states[:, :, :past], states[:, :, past:].gather(2, gather)], dim=2))
     return torch.cat([attention_mask, kept], dim=1)
+
+
+Decoder = Callable[..., JacobiResult]
+# name -> decoder with jacobi_generate's signature (model, prompts, *, n, max_new_tokens, eos_token_id, ...)
+DECODERS: dict[str, Decoder] = {
+    "jacobi": jacobi_generate,
+    "multiblock": partial(multiblock_generate, candidates=0),
+    "recycle": partial(multiblock_generate, blocks=1),
+    "multiblock+recycle": multiblock_generate,
+}
+# the settings each named decoder takes beyond jacobi_generate's
+OPTIONS: dict[str, tuple[str, ...]] = {
+    "jacobi": (),
+    "multiblock": ("blocks", "threshold"),
+    "recycle": ("candidates", "pool_size", "ngram"),
+    "multiblock+recycle": ("blocks", "threshold", "candidates", "pool_size", "ngram"),
+}
+
+
+def decode_batched(
+    model: torch.nn.Module,
+    prompts: Sequence[Sequence[int]],
+    *,
+    batch_size: int,
+    decoder: str | Decoder = "jacobi",
+    min_batches: int = 0,
+    options: dict | None = None,
+    **decode_kwargs,
+) -> JacobiResult:
+    """Decode `prompts` in batches of `batch_size` with one decoder and merge the results in prompt order.
+
+    Args:
+        model: the causal LM.
+        prompts: token id lists.
+        batch_size: rows per decoder call.
+        decoder: a name in DECODERS or a callable with `jacobi_generate`'s signature.
+        min_batches: walk at least this many batches (the last ones empty): distributed callers pass the same
+            count on every rank so that, with `all_done`, every rank makes the same forward passes.
+        options: decoder settings (blocks, threshold, candidates, pool_size, ngram); a named decoder gets only
+            those it takes (see OPTIONS), so one dict serves every decoder.
+        decode_kwargs: passed to the decoder (n, max_new_tokens, eos_token_id, pad_token_id, init, all_done, ...).
+    """
+    if isinstance(decoder, str):
+        if decoder not in DECODERS:
+            raise ValueError(f"unknown decoder {decoder!r}; choose one of {', '.join(DECODERS)}")
+        decode_kwargs.update({k: v for k, v in (options or {}).items() if k in OPTIONS[decoder]})
+        decoder = DECODERS[decoder]
+    elif options:
+        decode_kwargs.update(options)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    batches = max(math.ceil(len(prompts) / batch_size), min_batches)
+    results = [decoder(model, prompts[b * batch_size : (b + 1) * batch_size], **decode_kwargs) for b in range(batches)]
+    return JacobiResult.concat(results, decode_kwargs.get("n", 16))

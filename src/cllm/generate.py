@@ -1,4 +1,4 @@
-"""`python -m cllm generate`: Jacobi-decode one prompt, print the completion and one line of statistics."""
+"""`python -m cllm generate`: decode one prompt (`--decoder`, default jacobi), print the completion and statistics."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ from typing import Literal
 from transformers.utils import logging as hf_logging
 
 from cllm.arguments import parse_settings
+from cllm.compiled import static_jacobi_generate
 from cllm.data_modules.prompts import Prompt, encode_prompts
+from cllm.decoders import DECODERS, DEFAULT_BLOCKS, DEFAULT_CANDIDATES, DEFAULT_POOL_SIZE, DEFAULT_THRESHOLD, OPTIONS
 from cllm.errors import UserError
-from cllm.jacobi import jacobi_generate
 from cllm.models import context_length, eos_ids, load_model
 
 
@@ -21,40 +22,58 @@ class DecodeSettings:
 
     Args:
         model: smollm2-135m | path.gguf | HF folder | hub id | tiny[:k=v].
-        n: Jacobi block size (tokens refined per pass).
+        n: block size (tokens refined per pass); bench also takes auto (measures and picks).
         dtype: float32 | bfloat16 | float16 | float64.
         device: cpu | cuda | cuda:1 ...
         attn_implementation: auto | sdpa | eager | flash_attention_2.
         init: initial guess of fresh block positions: context (official) | repeat | pad.
         chat_template: encode prompts through the tokenizer's chat template (`--no_chat_template`: raw text).
         trust_remote_code: allow model code from the hub (unsafe).
+        blocks: K, the most blocks in flight (multiblock).
+        threshold: r, the settled share of block 1 that drafts one more block (multiblock).
+        candidates: G, pool n-grams verified per pass (recycle).
+        pool_size: n-grams kept per first token and row (recycle).
+        ngram: pool n-gram length (recycle; default n).
+        compile: the fast path: static KV cache + torch.compile (greedy AR and the fixed-shape jacobi step).
     """
 
     model: str
-    n: int = 16
+    n: int | Literal["auto"] = 16
     dtype: str = "float32"
     device: str = "cpu"
     attn_implementation: str = "auto"
     init: Literal["context", "repeat", "pad"] = "context"
     chat_template: bool = True
     trust_remote_code: bool = False
+    blocks: int = DEFAULT_BLOCKS
+    threshold: float = DEFAULT_THRESHOLD
+    candidates: int = DEFAULT_CANDIDATES
+    pool_size: int = DEFAULT_POOL_SIZE
+    ngram: int | None = None
+    compile: bool = False
+
+    def decoder_options(self) -> dict:
+        """The decoder settings, for `cllm.decoders.decode_batched(options=...)`."""
+        return {name: getattr(self, name) for name in ("blocks", "threshold", "candidates", "pool_size", "ngram")}
 
 
 @dataclass(kw_only=True)
 class GenerateSettings(DecodeSettings):
-    """`cllm generate`: Jacobi-decode one prompt.
+    """`cllm generate`: decode one prompt.
 
     Args:
         prompt: the prompt text.
         max_new_tokens: generation budget.
+        decoder: jacobi | multiblock | recycle | multiblock+recycle (see `cllm.decoders`).
     """
 
     prompt: str
     max_new_tokens: int = 256
+    decoder: str = "jacobi"
 
 
 def load_for_decoding(settings: DecodeSettings):
-    """(model, tokenizer) of `settings.model`, after checking the block size."""
+    """(model, tokenizer) of `settings.model`, after checking the block size and the decoder settings."""
     hf_logging.disable_progress_bar()
     check_decoding_settings(settings)
     return load_model(
@@ -70,8 +89,17 @@ def check_decoding_settings(settings: DecodeSettings) -> None:
     """Refuse impossible decoding settings before a model loads."""
     import torch
 
-    if settings.n < 1:
+    if settings.n != "auto" and settings.n < 1:
         raise UserError(f"--n must be >= 1, got {settings.n}")
+    for name, least in (("blocks", 1), ("candidates", 0), ("pool_size", 1)):
+        if getattr(settings, name) < least:
+            raise UserError(f"--{name} must be >= {least}, got {getattr(settings, name)}")
+    if not 0.0 <= settings.threshold <= 1.0:
+        raise UserError(f"--threshold must be in [0, 1], got {settings.threshold}")
+    names = getattr(settings, "decoder", "jacobi")
+    for name in [names] if isinstance(names, str) else names:
+        if name not in DECODERS:
+            raise UserError(f"unknown --decoder {name!r}; choose one of {', '.join(DECODERS)}")
     budget = getattr(settings, "max_new_tokens", 1)
     if budget < 1:
         raise UserError(f"--max_new_tokens must be >= 1, got {budget}")
@@ -82,25 +110,33 @@ def check_decoding_settings(settings: DecodeSettings) -> None:
 
 def generate(settings: GenerateSettings) -> None:
     """Decode `settings.prompt`, print the completion and its statistics."""
+    if settings.n == "auto":
+        raise UserError("--n auto is a bench option (it measures on a prompt set); give generate an integer")
+    if settings.compile and settings.decoder != "jacobi":
+        raise UserError("--compile serves the fixed-shape jacobi decoder only")
     model, tokenizer = load_for_decoding(settings)
     (prompt_ids,) = encode_prompts(
         tokenizer, [Prompt("prompt", settings.prompt)], settings.chat_template, context_length(model), "--prompt"
     )
     start = time.perf_counter()
-    result = jacobi_generate(
-        model,
-        [prompt_ids],
-        n=settings.n,
-        max_new_tokens=settings.max_new_tokens,
-        eos_token_id=eos_ids(model, tokenizer),
-        pad_token_id=tokenizer.pad_token_id,
-        init=settings.init,
-    )
+    kwargs = {
+        "n": settings.n,
+        "max_new_tokens": settings.max_new_tokens,
+        "eos_token_id": eos_ids(model, tokenizer),
+        "pad_token_id": tokenizer.pad_token_id,
+        "init": settings.init,
+    }
+    if settings.compile:
+        result = static_jacobi_generate(model, [prompt_ids], **kwargs)
+    else:
+        options = {k: v for k, v in settings.decoder_options().items() if k in OPTIONS[settings.decoder]}
+        result = DECODERS[settings.decoder](model, [prompt_ids], **kwargs, **options)
     seconds = time.perf_counter() - start
     tokens = result.tokens[0]
+    label = f"{settings.decoder} n={settings.n}" + (" compiled" if settings.compile else "")
     print(tokenizer.decode(tokens, skip_special_tokens=True))
     print(
-        f"[jacobi n={settings.n}] {len(tokens)} tokens in {result.forward_passes[0]} decode passes: "
+        f"[{label}] {len(tokens)} tokens in {result.forward_passes[0]} decode passes: "
         f"{result.mean_accepted_tokens_per_step:.3f} accepted tokens/step (generated/passes, AR = 1.0), "
         f"{len(tokens) / seconds:.1f} tokens/s"
     )

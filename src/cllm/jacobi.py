@@ -11,8 +11,8 @@ pass commits at least one token that greedy AR would also have produced, so the 
 token for token. The figure of merit is generated tokens / decode passes (prefill excluded): AR is 1.0.
 
 `jacobi_step` is that update alone; `jacobi_generate` is the loop around it (KV cache, budget, EOS, finished
-rows); `decode_batched` runs any decoder of `DECODERS` (or a callable with `jacobi_generate`'s signature) over a
-prompt list in batches and merges the results: bench, the accepted-tokens callback and the headline use it.
+rows). The decoders beyond one block and the one batched-decode helper used by bench, the accepted-tokens callback
+and the headline (`decode_batched`, decoders by name in `DECODERS`) live in `cllm.decoders`.
 
 Batched rows accept different lengths per pass. The cache stays rectangular: it keeps the slots up to
 the longest accepted run of the batch, and each row's rejected slots are masked out ("holes").
@@ -22,7 +22,6 @@ Positions are logical (per row), so a hole never shifts the rotary positions of 
 from __future__ import annotations
 
 import inspect
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -212,42 +211,6 @@ def jacobi_generate(
                     block[keep_index],
                 )
     return JacobiResult(tokens, accepted_per_pass, n)
-
-
-Decoder = Callable[..., JacobiResult]
-# name -> decoder with jacobi_generate's signature (model, prompts, *, n, max_new_tokens, eos_token_id, ...)
-DECODERS: dict[str, Decoder] = {"jacobi": jacobi_generate}
-
-
-def decode_batched(
-    model: torch.nn.Module,
-    prompts: Sequence[Sequence[int]],
-    *,
-    batch_size: int,
-    decoder: str | Decoder = "jacobi",
-    min_batches: int = 0,
-    **decode_kwargs,
-) -> JacobiResult:
-    """Decode `prompts` in batches of `batch_size` with one decoder and merge the results in prompt order.
-
-    Args:
-        model: the causal LM.
-        prompts: token id lists.
-        batch_size: rows per decoder call.
-        decoder: a name in DECODERS or a callable with `jacobi_generate`'s signature.
-        min_batches: walk at least this many batches (the last ones empty): distributed callers pass the same
-            count on every rank so that, with `all_done`, every rank makes the same forward passes.
-        decode_kwargs: passed to the decoder (n, max_new_tokens, eos_token_id, pad_token_id, init, all_done, ...).
-    """
-    if isinstance(decoder, str):
-        if decoder not in DECODERS:
-            raise ValueError(f"unknown decoder {decoder!r}; choose one of {sorted(DECODERS)}")
-        decoder = DECODERS[decoder]
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    batches = max(math.ceil(len(prompts) / batch_size), min_batches)
-    results = [decoder(model, prompts[b * batch_size : (b + 1) * batch_size], **decode_kwargs) for b in range(batches)]
-    return JacobiResult.concat(results, decode_kwargs.get("n", 16))
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
