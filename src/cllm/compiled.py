@@ -22,6 +22,7 @@ from cllm.jacobi import (
     _fill_block,
     accepted_lengths,
     cache_argument,
+    commit,
     left_pad,
 )
 
@@ -179,15 +180,8 @@ def static_jacobi_generate(
         accepted = accepted_lengths(block, predictions)
         finished = set()
         for row in active:
-            committed = block[row, : accepted[row]].tolist()[: max_new_tokens - len(tokens[row])]
-            done = len(tokens[row]) + len(committed) >= max_new_tokens
-            for j, token in enumerate(committed):
-                if token in eos_ids:
-                    committed, done = committed[: j + 1], True
-                    break
-            tokens[row].extend(committed)
-            accepted_per_pass[row].append(len(committed))
-            if done:
+            proposed = block[row, : accepted[row]].tolist()
+            if commit(tokens[row], accepted_per_pass[row], proposed, max_new_tokens, eos_ids):
                 finished.add(row)
         live = torch.zeros(batch, dtype=torch.bool)
         live[active] = True

@@ -38,6 +38,7 @@ from cllm.jacobi import (
     _finish_lockstep,
     _keep_going,
     cache_argument,
+    commit,
     initial_guess,
     jacobi_generate,
     prefill,
@@ -186,14 +187,8 @@ def multiblock_generate(
             window, window_predictions = windows[i], predictions[i][: len(windows[i])]
             winner_predictions = predictions[i][start : start + length]
 
-            committed = ids[i][start : start + accepted][: max_new_tokens - len(tokens[row])]
-            done = len(tokens[row]) + len(committed) >= max_new_tokens
-            for j, token in enumerate(committed):
-                if token in eos_ids:
-                    committed, done = committed[: j + 1], True
-                    break
-            tokens[row].extend(committed)
-            accepted_per_pass[row].append(len(committed))
+            proposed = ids[i][start : start + accepted]
+            done = commit(tokens[row], accepted_per_pass[row], proposed, max_new_tokens, eos_ids)
             window_blocks[row].append(in_flight[i])
             keep_slots.append(list(range(start, start + accepted)))
             keep_lengths.append(accepted)

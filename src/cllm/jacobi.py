@@ -175,17 +175,7 @@ def jacobi_generate(
 
         finished = []
         for i, row in enumerate(rows):
-            committed = block[i, : accepted[i]].tolist()
-            budget = max_new_tokens - len(tokens[row])
-            committed = committed[:budget]
-            done = len(committed) == budget
-            for j, token in enumerate(committed):
-                if token in eos_ids:
-                    committed, done = committed[: j + 1], True
-                    break
-            tokens[row].extend(committed)
-            accepted_per_pass[row].append(len(committed))
-            if done:
+            if commit(tokens[row], accepted_per_pass[row], block[i, : accepted[i]].tolist(), max_new_tokens, eos_ids):
                 finished.append(i)
 
         # Keep cache slots up to the longest accepted run; mask each row's rejected slots (holes).
@@ -211,6 +201,22 @@ def jacobi_generate(
                     block[keep_index],
                 )
     return JacobiResult(tokens, accepted_per_pass, n)
+
+
+def commit(generated: list[int], passes: list[int], accepted: list[int], max_new_tokens: int, eos_ids: set) -> bool:
+    """Append a pass's accepted tokens to a row's output, cut at the budget and after an EOS; record the count.
+
+    Returns whether the row is finished (budget spent or EOS reached).
+    """
+    committed = accepted[: max_new_tokens - len(generated)]
+    done = len(generated) + len(committed) >= max_new_tokens
+    for j, token in enumerate(committed):
+        if token in eos_ids:
+            committed, done = committed[: j + 1], True
+            break
+    generated.extend(committed)
+    passes.append(len(committed))
+    return done
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
