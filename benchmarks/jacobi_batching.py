@@ -8,10 +8,10 @@ Prints a table (tokens/s per dtype and batch size, and the ratio to batch 1 of t
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import torch
+from decoding_args import decoding_parser
 
 from cllm.bench import timed_jacobi
 from cllm.data_modules.prompts import encode_prompts, load_prompts
@@ -21,14 +21,7 @@ from cllm.models import eos_ids, load_model
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--prompts", default="humaneval")
-    parser.add_argument("--limit", type=int, default=16)
-    parser.add_argument("--n", type=int, default=16)
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    parser = decoding_parser(__doc__, prompts="humaneval", dtypes=["float32", "bfloat16"])
     parser.add_argument("--output", type=Path, default=Path("docs/results/jacobi_batching.json"))
     args = parser.parse_args()
 

@@ -10,17 +10,18 @@ configuration's (batching changes float rounding, so a near-tie may flip in floa
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import time
 from pathlib import Path
 
 import torch
+from decoding_args import decoding_parser
 
+from cllm.bench import cut_at_eos
 from cllm.collection import row_seed
 from cllm.data_modules.prompts import encode_prompts, load_prompts
-from cllm.models import load_model
+from cllm.models import eos_ids, load_model
 from cllm.trajectory import collect_trajectories
 
 
@@ -28,6 +29,7 @@ def run(model, tokenizer, prompt_ids, batch_size: int, n: int, max_new_tokens: i
     start = time.perf_counter()
     outputs, blocks = [], 0
     iterations = 0
+    eos = eos_ids(model, tokenizer)
     for first in range(0, len(prompt_ids), batch_size):
         batch = prompt_ids[first : first + batch_size]
         result = collect_trajectories(
@@ -35,14 +37,13 @@ def run(model, tokenizer, prompt_ids, batch_size: int, n: int, max_new_tokens: i
             batch,
             n=n,
             max_new_tokens=max_new_tokens,
-            eos_token_id=tokenizer.eos_token_id,
+            eos_token_id=eos,
             pad_token_id=tokenizer.pad_token_id,
             seeds=[row_seed(0, first + i) for i in range(len(batch))],
         )
         for prompt_blocks in result:
             tokens = [t for _, states in prompt_blocks for t in states[-1]][:max_new_tokens]
-            if tokenizer.eos_token_id in tokens:
-                tokens = tokens[: tokens.index(tokenizer.eos_token_id) + 1]
+            tokens = cut_at_eos(tokens, eos)
             outputs.append(tokens)
             blocks += len(prompt_blocks)
             iterations += sum(len(states) for _, states in prompt_blocks)
@@ -61,14 +62,7 @@ def run(model, tokenizer, prompt_ids, batch_size: int, n: int, max_new_tokens: i
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--prompts", default="stdlib-code:train")
-    parser.add_argument("--limit", type=int, default=16)
-    parser.add_argument("--n", type=int, default=16)
-    parser.add_argument("--max_new_tokens", type=int, default=64)
-    parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--dtypes", nargs="+", default=["float32"])
+    parser = decoding_parser(__doc__, prompts="stdlib-code:train", dtypes=["float32"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--output", default=str(Path(__file__).with_suffix(".json")))
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 on a busy shared machine)")

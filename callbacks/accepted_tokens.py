@@ -21,8 +21,9 @@ from torchmetrics import MaxMetric, MeanMetric, SumMetric
 
 from cllm.data_modules.prompts import encode_prompts, load_prompts
 from cllm.decoders import decode_batched
+from cllm.errors import UserError
 from cllm.models import eos_ids
-from cllm.records import longest_run
+from cllm.scoring import common_prefix_fraction, has_repeated_run
 
 SAMPLE_COLUMNS = ["prompt", "base_output", "jacobi_output", "accepted_tokens_per_step"]
 
@@ -35,24 +36,6 @@ class Decoded:
     tokens: list[list[int]]
     accepted_tokens_per_step: list[float]
     seconds: float
-
-
-def common_prefix_fraction(output: list[int], reference: list[int]) -> float:
-    """len(common prefix) / max(len(output), len(reference)); 1.0 for two empty outputs."""
-    longest = max(len(output), len(reference))
-    if longest == 0:
-        return 1.0
-    same = 0
-    for a, b in zip(output, reference):
-        if a != b:
-            break
-        same += 1
-    return same / longest
-
-
-def has_repeated_run(tokens: list[int], run: int) -> bool:
-    """Whether `tokens` holds `run` identical tokens in a row (the degenerate-repetition symptom)."""
-    return longest_run(tokens) >= run
 
 
 def decode_shard(
@@ -90,7 +73,7 @@ class AcceptedTokensCallback(Callback):
     Args:
         prompts: prompt source (`load_prompts` syntax); None takes `trainer.datamodule.validation_prompts()`.
         num_prompts: how many prompts to decode (the first ones).
-        n: Jacobi block size; None takes the data module's `n`.
+        n: Jacobi block size; `cllm fit` links the data's n into it; None takes the trained module's `n`.
         max_new_tokens: generation budget per prompt.
         every_k_validations: measure at every k-th validation (the base model is measured once at train start).
         batch_size: prompts per Jacobi batch on each rank.
@@ -172,7 +155,7 @@ class AcceptedTokensCallback(Callback):
         if not trainer.is_global_zero:
             return
         print(
-            f"accepted tokens per step (n={self._n(trainer)}, generated tokens / decode passes, AR = 1.0): "
+            f"accepted tokens per step (n={self.block_size(pl_module)}, generated tokens / decode passes, AR = 1.0): "
             f"base {self.base['val/accepted_tokens_per_step']:.3f} -> trained "
             f"{self.last['val/accepted_tokens_per_step']:.3f} at step {trainer.global_step}\n"
             f"  base:    {self._summary(self.base)}\n  trained: {self._summary(self.last)}",
@@ -195,8 +178,12 @@ class AcceptedTokensCallback(Callback):
         self._texts = [prompt.text for prompt in prompts]
         self._prompt_ids = encode_prompts(tokenizer, prompts, chat_template) if prompts else []
 
-    def _n(self, trainer: Trainer) -> int:
-        return self.n or getattr(getattr(trainer, "datamodule", None), "n", None) or 16
+    def block_size(self, pl_module: LightningModule) -> int:
+        """The n decoded with: the linked one, else the trained module's (no silent default)."""
+        n = self.n or getattr(pl_module, "n", None)
+        if n is None:
+            raise UserError("AcceptedTokensCallback: no block size n (set data.init_args.n; `cllm fit` links it here)")
+        return n
 
     def measure(self, trainer: Trainer, pl_module: LightningModule, record_base: bool = False) -> dict[str, float]:
         """Decode the prompts with the current weights on every rank (lockstep) and return the reduced metrics."""
@@ -215,7 +202,7 @@ class AcceptedTokensCallback(Callback):
                 all_done=(lambda done: strategy.reduce_boolean_decision(done, all=True))
                 if trainer.world_size > 1
                 else None,
-                n=self._n(trainer),
+                n=self.block_size(pl_module),
                 decoder=self.decoder,
                 options=self.decoder_options,
                 max_new_tokens=self.max_new_tokens,

@@ -47,6 +47,11 @@ def _words(text: str) -> list[str]:
     return text.split()
 
 
+def _pick(rng: random.Random, **word_lists: str) -> dict:
+    """One word from each list, drawn in the order given: {key: word}."""
+    return {key: rng.choice(_words(words)) for key, words in word_lists.items()}
+
+
 def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
@@ -64,13 +69,8 @@ def _person(rng: random.Random) -> tuple[dict, dict]:
 
 
 def _product(rng: random.Random) -> tuple[dict, dict]:
-    record = {
-        "brand": rng.choice(_words(BRANDS)),
-        "product": rng.choice(_words(PRODUCTS)),
-        "color": rng.choice(_words(COLORS)),
-        "price": rng.randint(5, 400),
-        "in_stock": rng.random() < 0.5,
-    }
+    record = _pick(rng, brand=BRANDS, product=PRODUCTS, color=COLORS)
+    record.update(price=rng.randint(5, 400), in_stock=rng.random() < 0.5)
     return record, {"stock": "is in stock" if record["in_stock"] else "is sold out"}
 
 
@@ -98,13 +98,8 @@ def _book(rng: random.Random) -> tuple[dict, dict]:
 
 
 def _event(rng: random.Random) -> tuple[dict, dict]:
-    record = {
-        "event": rng.choice(_words(EVENTS)),
-        "city": rng.choice(_words(CITIES)),
-        "month": rng.choice(_words(MONTHS)),
-        "day": rng.randint(1, 28),
-        "attendees": rng.randint(2, 90) * 100,
-    }
+    record = _pick(rng, event=EVENTS, city=CITIES, month=MONTHS)
+    record.update(day=rng.randint(1, 28), attendees=rng.randint(2, 90) * 100)
     return record, {}
 
 

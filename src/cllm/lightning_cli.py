@@ -12,13 +12,16 @@ import re
 import sys
 
 import yaml
+from jsonargparse import Namespace
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.utilities import rank_zero_info
 
 from cllm.arguments import normalize_flags, one_line, resolve_config_args
 from cllm.errors import UserError
+from cllm.records import block_size
 from cllm.safe_checkpoint import UNREADABLE, exception_line, guard_checkpoint_loading
 from cllm.slurm import SLURMRequeue, check_slurm_layout
 
@@ -92,6 +95,39 @@ class CLLMLightningCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         check_slurm_layout(config.trainer.get("devices"), config.trainer.get("num_nodes"))
         default_wandb_save_dir(config.trainer)
+        link_settings(config)
+
+
+def _init_args(entry) -> Namespace | None:
+    return getattr(entry, "init_args", None) if isinstance(entry, Namespace) else None
+
+
+def link_settings(config: Namespace) -> None:
+    """One owner per setting. The model spec is the module's: a data module that takes `model` and leaves it unset
+    follows `model.init_args.model`. The block size n is the data's (its manifest's when the dataset exists, else
+    `data.init_args.n`, see `cllm.records.block_size`): it is linked into the module and every callback that takes
+    an `n`, and printed once. A module or callback n that disagrees is an error (drop it)."""
+    data, model = _init_args(config.get("data")), _init_args(config.get("model"))
+    if data is not None and model is not None and "model" in data and data.get("model") is None and "model" in model:
+        data.model = model.model
+    if data is None or "n" not in data or "path" not in data:
+        return
+    n, source = block_size(data.path, data.get("n"))
+    data.n = n
+    callbacks = config.trainer.get("callbacks") or []
+    targets = [("model.init_args.n", model)] + [
+        (f"trainer.callbacks[{i}] ({entry.class_path.rpartition('.')[2]}).init_args.n", _init_args(entry))
+        for i, entry in enumerate(callbacks if isinstance(callbacks, list) else [callbacks])
+    ]
+    linked = []
+    for name, target in targets:
+        if target is None or "n" not in target:
+            continue
+        if target.get("n") is not None and target.n != n:
+            raise UserError(f"{name}={target.n} but the data's block size is n={n} ({source}); drop {name}")
+        target.n = n
+        linked.append(name)
+    rank_zero_info(f"block size n={n} (from {source}) -> " + (", ".join(linked) or "no other setting"))
 
 
 def nested_class_error(message: str) -> str | None:

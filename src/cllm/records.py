@@ -226,6 +226,23 @@ def verify_checksums(folder: str | Path, manifest: dict) -> None:
             pass
 
 
+def block_size(folder: str | Path, configured: int | None) -> tuple[int, str]:
+    """The block size n of a dataset and where it comes from: its manifest's when the folder holds one (a
+    configured n must agree), else the configured one. One owner: `cllm fit` links it into the module and callback."""
+    path = Path(folder) / MANIFEST_NAME
+    if path.is_file():
+        n = read_manifest(folder)["n"]
+        if configured is not None and configured != n:
+            raise UserError(
+                f"{path}: the dataset has block size n={n}, the data module n={configured}; "
+                f"set data.init_args.n: {n} (or drop it: the manifest's n is used)"
+            )
+        return n, str(path)
+    if configured is None:
+        raise UserError(f"data.init_args.n is not set and {folder} holds no dataset ({MANIFEST_NAME}) to read it from")
+    return configured, "data.init_args.n"
+
+
 def check_tokenizer(manifest: dict, fingerprint: str, folder: str | Path, model: str) -> None:
     """Training refuses data made with another tokenizer: token ids would mean different things."""
     if manifest["tokenizer_fingerprint"] != fingerprint:

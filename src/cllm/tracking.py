@@ -29,6 +29,8 @@ from urllib.parse import urlparse
 
 from lightning.pytorch.loggers import WandbLogger as LightningWandbLogger
 
+from cllm.slurm import slurm_job_id
+
 DEFAULT_HOST = "https://api.wandb.ai"
 
 
@@ -56,14 +58,10 @@ def slurm_run_id(env: Mapping[str, str] | None = None) -> str | None:
     `slurm-<cluster>-<job>` or, for an array task, `slurm-<cluster>-<array job>_<task>`; None outside SLURM.
     """
     env = os.environ if env is None else env
-    if "SLURM_ARRAY_JOB_ID" in env and "SLURM_ARRAY_TASK_ID" in env:
-        job = f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
-    elif "SLURM_JOB_ID" in env:
-        job = env["SLURM_JOB_ID"]
-    else:
+    array_task = env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID")
+    if not array_task and "SLURM_JOB_ID" not in env:
         return None
-    cluster = env.get("SLURM_CLUSTER_NAME", "cluster")
-    return f"slurm-{cluster}-{job}"
+    return f"slurm-{env.get('SLURM_CLUSTER_NAME', 'cluster')}-{slurm_job_id(env)}"
 
 
 def resolve_mode(offline: bool | None, env: Mapping[str, str] | None = None) -> str | None:

@@ -1,0 +1,149 @@
+"""Scoring a model on prompt sets: acceptance, batch-1 speed against greedy AR, task quality, agreement.
+
+The headline benchmark (`benchmarks/headline.py`) runs `evaluate_model` for the base model and the CLLM; the
+accepted-tokens callback shares `common_prefix_fraction` and `has_repeated_run`; decoding goes through
+`cllm.jacobi.decode_batched` and the AR baseline is `cllm.bench.greedy_ar`, as in `cllm bench`.
+"""
+
+from __future__ import annotations
+
+import time
+
+from cllm.bench import greedy_ar
+from cllm.data_modules.json_extract import score_output
+from cllm.data_modules.prompts import encode_prompts
+from cllm.decoders import decode_batched
+from cllm.evaluation import humaneval_pass_at_1
+from cllm.models import eos_ids, load_model
+from cllm.records import REPETITION_LIMIT, Prompt, longest_run
+
+
+def common_prefix_fraction(output: list[int], reference: list[int]) -> float:
+    """len(common prefix) / max(len(output), len(reference)); 1.0 for two empty outputs."""
+    longest = max(len(output), len(reference))
+    if longest == 0:
+        return 1.0
+    same = 0
+    for a, b in zip(output, reference):
+        if a != b:
+            break
+        same += 1
+    return same / longest
+
+
+def has_repeated_run(tokens: list[int], run: int = REPETITION_LIMIT) -> bool:
+    """Whether `tokens` holds `run` identical tokens in a row (the degenerate-repetition symptom)."""
+    return longest_run(tokens) >= run
+
+
+def quality(set_name: str, prompts: list[Prompt], texts: list[str], unsafe_exec: bool = False) -> dict[str, float]:
+    """Task quality against the ground truth: HumanEval pass@1 (sandboxed execution); json-extract valid/exact/
+    field accuracy against the generating record (nothing is executed). Other sets have none.
+    `unsafe_exec`: run HumanEval code without the bubblewrap sandbox where there is none."""
+    if set_name == "humaneval":
+        passed = humaneval_pass_at_1([p.meta for p in prompts], texts, unsafe_exec=unsafe_exec)
+        return {"pass_at_1": sum(passed) / len(passed)}
+    if set_name == "json-extract":
+        scores = [score_output(text, p.meta["record"]) for p, text in zip(prompts, texts)]
+        return {key: sum(s[key] for s in scores) / len(scores) for key in ("valid", "exact", "fields")}
+    return {}
+
+
+def _timed(function, *args, **kwargs):
+    start = time.perf_counter()
+    value = function(*args, **kwargs)
+    return value, time.perf_counter() - start
+
+
+def speed(models: dict, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, n_values: list[int]) -> dict:
+    """Per prompt, batch 1: greedy AR in every dtype (the fastest is the baseline) and Jacobi for each n, in the
+    fastest AR dtype (where this machine's passes are cheapest)."""
+    eos, pad = eos_ids(next(iter(models.values())), tokenizer), tokenizer.pad_token_id
+    result: dict = {"ar": {}, "jacobi": {}}
+    for dtype, model in models.items():
+        greedy_ar(model, prompt_ids[:1], max_new_tokens=4, eos=eos, pad_token_id=pad)  # warm-up
+        runs = [
+            _timed(greedy_ar, model, [p], max_new_tokens=max_new_tokens, eos=eos, pad_token_id=pad) for p in prompt_ids
+        ]
+        tokens, seconds = [len(out[0]) for out, _ in runs], [s for _, s in runs]
+        result["ar"][dtype] = {
+            "tokens_per_s": sum(tokens) / sum(seconds),
+            "per_prompt_tokens_per_s": [t / s for t, s in zip(tokens, seconds)],
+            "outputs": [out[0] for out, _ in runs],
+        }
+    fastest = max(result["ar"], key=lambda d: result["ar"][d]["tokens_per_s"])
+    model, ar = models[fastest], result["ar"][fastest]
+    for n in n_values:
+        kwargs = {"n": n, "max_new_tokens": max_new_tokens, "eos_token_id": eos, "pad_token_id": pad}
+        decode_batched(model, prompt_ids[:1], batch_size=1, **{**kwargs, "max_new_tokens": 4})  # warm-up
+        runs = [_timed(decode_batched, model, [p], batch_size=1, **kwargs) for p in prompt_ids]
+        tokens, seconds = [len(r.tokens[0]) for r, _ in runs], [s for _, s in runs]
+        per_prompt = [t / s for t, s in zip(tokens, seconds)]
+        result["jacobi"][str(n)] = {
+            "dtype": fastest,
+            "accepted_tokens_per_step": sum(r.accepted_tokens_per_step[0] for r, _ in runs) / len(runs),
+            "per_prompt_accepted_tokens_per_step": [r.accepted_tokens_per_step[0] for r, _ in runs],
+            "tokens_per_s": sum(tokens) / sum(seconds),
+            "speedup_vs_fastest_ar": (sum(tokens) / sum(seconds)) / ar["tokens_per_s"],
+            "per_prompt_speedup": [j / a for j, a in zip(per_prompt, ar["per_prompt_tokens_per_s"])],
+            "ar_agreement": sum(r.tokens[0] == a for (r, _), a in zip(runs, ar["outputs"])) / len(runs),
+        }
+    result["fastest_ar_dtype"] = fastest
+    for entry in result["ar"].values():
+        entry.pop("outputs")
+    return result
+
+
+def evaluate_model(
+    spec: str,
+    prompt_sets: dict[str, list[Prompt]],
+    *,
+    n: int,
+    max_new_tokens: int,
+    speed_limit: int = 0,
+    n_values: list[int] | None = None,
+    dtypes: tuple[str, ...] = ("float32",),
+    batch_size: int = 16,
+    unsafe_exec: bool = False,
+) -> dict:
+    """Per prompt set: acceptance at block size `n` (one batched Jacobi run; Jacobi is lossless, so its outputs are
+    the model's greedy outputs and the quality figures come from the same run), degenerate rate, quality, and with
+    `speed_limit` > 0 the batch-1 speed of the first `speed_limit` prompts (`speed`, at every n in `n_values`)."""
+    models = {}
+    for dtype in dtypes:
+        models[dtype], tokenizer = load_model(spec, dtype=dtype)
+    report = {}
+    for name, prompts in prompt_sets.items():
+        ids = encode_prompts(tokenizer, prompts)
+        model = models[dtypes[0]]
+        decoded = decode_batched(
+            model,
+            ids,
+            batch_size=batch_size,
+            n=n,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=eos_ids(model, tokenizer),
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        outputs = decoded.tokens
+        entry = {
+            "num_prompts": len(ids),
+            "accepted_tokens_per_step": decoded.mean_accepted_tokens_per_step,
+            "per_prompt_accepted_tokens_per_step": decoded.accepted_tokens_per_step,
+            "degenerate_rate": sum(has_repeated_run(o) for o in outputs) / len(outputs),
+            "outputs": outputs,
+        }
+        if speed_limit > 0:
+            entry["speed"] = speed(models, tokenizer, ids[:speed_limit], max_new_tokens, n_values or [n])
+        texts = [tokenizer.decode(o, skip_special_tokens=True) for o in outputs]
+        entry["quality"] = quality(name, prompts, texts, unsafe_exec)
+        report[name] = entry
+    return report
+
+
+def compare_with_base(base: dict, cllm: dict) -> None:
+    """Per set, how far the CLLM's outputs moved from the base model's: exact match and mean common-prefix share."""
+    for set_name, entry in cllm.items():
+        pairs = list(zip(entry["outputs"], base[set_name]["outputs"]))
+        entry["exact_match_vs_base"] = sum(a == b for a, b in pairs) / len(pairs)
+        entry["common_prefix_vs_base"] = sum(common_prefix_fraction(a, b) for a, b in pairs) / len(pairs)
