@@ -192,7 +192,8 @@ class AcceptedTokensCallback(Callback):
         was_training = pl_module.training
         pl_module.eval()
         # Lightning validates under inference_mode on some backends; FSDP2 must not create inference tensors.
-        with torch.inference_mode(False):
+        # Decode at training's compute precision (bf16-mixed: autocast), as validation_step runs.
+        with torch.inference_mode(False), trainer.precision_plugin.forward_context():
             decoded = decode_shard(
                 pl_module.model,
                 self._prompt_ids,

@@ -59,7 +59,7 @@ class TrajectoryDataModule(LightningDataModule):
         prompt_limit: collect only the first K prompts.
         collect_shard_size: prompts per shard when collecting (the unit a killed collection resumes from).
         collect_batch_size: prompts per forward pass when collecting.
-        collect_dtype: model dtype when collecting.
+        collect_dtype: model dtype when collecting; `auto`: the fastest here (`cllm.hardware`).
         batch_size: samples per training batch.
         num_workers: dataloader worker processes per rank.
         shuffle_buffer: size of the shuffle buffer (memory bound of the stream).
@@ -95,7 +95,7 @@ class TrajectoryDataModule(LightningDataModule):
         prompt_limit: int | None = None,
         collect_shard_size: int = 64,
         collect_batch_size: int = 8,
-        collect_dtype: str = "float32",
+        collect_dtype: str = "auto",
         batch_size: int = 4,
         num_workers: int = 0,
         shuffle_buffer: int = 1000,

@@ -39,7 +39,7 @@ trainer:
 {strategy}
 model:
   class_path: cllm.module.CLLMModule
-  init_args: {{model: tiny, lr: 0.001, warmup_ratio: 0.25}}
+  init_args: {{model: tiny, lr: 0.001, warmup_ratio: 0.25, dtype: float32}}  # exact 1- vs 2-process comparison
 data:
   class_path: fake_trajectories.FakeTrajectoryData
   init_args: {{rows: 8, batch_size: {batch_size}}}

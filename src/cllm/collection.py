@@ -57,7 +57,7 @@ class CollectConfig:
         max_new_tokens: generated tokens per prompt (the last block may run past it; records keep full blocks).
         batch_size: prompts per forward pass.
         limit: collect only the first `limit` prompts.
-        dtype: model dtype while collecting (float32, bfloat16, float16, float64).
+        dtype: model dtype while collecting (auto: the fastest here, see `cllm.hardware`; float32, bfloat16, ...).
         init: initial guess of each block: `context` (tokens drawn from the prompt, official), `repeat`, `pad`.
         seed: seed of the initial guesses (and of the augmentation).
         chat_template: apply the tokenizer's chat template to prompts.
@@ -81,7 +81,7 @@ class CollectConfig:
     max_new_tokens: int = 256
     batch_size: int = 8
     limit: int | None = None
-    dtype: str = "float32"
+    dtype: str = "auto"
     init: Literal["context", "repeat", "pad"] = "context"
     seed: int = 0
     chat_template: bool = True
@@ -150,7 +150,7 @@ class Collector:
             "augment": config.augment,
             "labels": config.labels,
             "shard_size": config.shard_size,
-            "dtype": config.dtype,
+            "dtype": str(model.dtype).removeprefix("torch."),  # what `auto` resolved to, for the resume check
             "vocab_size": model.get_input_embeddings().num_embeddings,
             # per shard: a digest of its prompts' ids and token ids, so a resumed run cannot mix two prompt sets
             "prompt_digests": [self._digest(k) for k in range(self.shard_count)],

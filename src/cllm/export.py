@@ -70,8 +70,8 @@ def export(ckpt: Path, output: Path, *, model_spec: str | None = None, dtype: st
     spec = model_spec or hparams.get("model")
     if not spec:
         raise UserError(f"{ckpt}: no model spec in the checkpoint's hyperparameters; pass --model SPEC")
-    master_dtype = hparams.get("dtype", "float32")
-    model, tokenizer = load_model(spec, dtype=master_dtype, attn_implementation="sdpa")
+    master = hparams.get("dtype", "float32")
+    model, tokenizer = load_model(spec, dtype="float32" if master == "auto" else master, attn_implementation="sdpa")
     load_trained_weights(model, ckpt, metadata)
     if dtype is not None:
         model = model.to(resolve_dtype(dtype))

@@ -23,7 +23,7 @@ class DecodeSettings:
     Args:
         model: smollm2-135m | path.gguf | HF folder | hub id | tiny[:k=v].
         n: block size (tokens refined per pass); bench also takes auto (measures and picks).
-        dtype: float32 | bfloat16 | float16 | float64.
+        dtype: auto (the fastest here, see `cllm.hardware`) | float32 | bfloat16 | float16 | float64.
         device: cpu | cuda | cuda:1 ...
         attn_implementation: auto | sdpa | eager | flash_attention_2.
         init: initial guess of fresh block positions: context (official) | repeat | pad.
@@ -39,7 +39,7 @@ class DecodeSettings:
 
     model: str
     n: int | Literal["auto"] = 16
-    dtype: str = "float32"
+    dtype: str = "auto"
     device: str = "cpu"
     attn_implementation: str = "auto"
     init: Literal["context", "repeat", "pad"] = "context"

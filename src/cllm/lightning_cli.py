@@ -11,6 +11,7 @@ import pickle
 import re
 import sys
 
+import torch
 import yaml
 from jsonargparse import Namespace
 from lightning.fabric.utilities.exceptions import MisconfigurationException
@@ -96,6 +97,7 @@ class CLLMLightningCLI(LightningCLI):
         check_slurm_layout(config.trainer.get("devices"), config.trainer.get("num_nodes"))
         default_wandb_save_dir(config.trainer)
         link_settings(config)
+        match_precision(config)
 
 
 def _init_args(entry) -> Namespace | None:
@@ -128,6 +130,23 @@ def link_settings(config: Namespace) -> None:
         target.n = n
         linked.append(name)
     rank_zero_info(f"block size n={n} (from {source}) -> " + (", ".join(linked) or "no other setting"))
+
+
+def match_precision(config) -> None:
+    """`model.dtype: auto` and no `trainer.precision`: train float32 weights at the compute dtype `auto` picks on the
+    trainer's accelerator (`cllm.hardware`): bf16-mixed where bf16 is fast, 16-mixed on CUDA without bf16, else
+    32-true. An explicit precision (llama7b.yaml: 32-true under FSDP2's bf16 policy) is kept."""
+    from cllm.hardware import auto_dtype, autocast_precision
+
+    model = config.get("model")
+    init_args = getattr(model, "init_args", None) or {}
+    if config.trainer.get("precision") is not None or init_args.get("dtype", "auto") != "auto":
+        return
+    accelerator = str(config.trainer.get("accelerator") or "auto")
+    if accelerator == "auto":
+        accelerator = "cuda" if torch.cuda.is_available() else "cpu"
+    device = "cuda" if accelerator in ("gpu", "cuda") else accelerator
+    config.trainer.precision = autocast_precision(auto_dtype(device))
 
 
 def nested_class_error(message: str) -> str | None:

@@ -5,10 +5,12 @@
 The model is built in `configure_model` (so Lightning can shard it): under `ModelParallelStrategy` it is sharded
 with FSDP2 (`cllm.models.shard_fsdp2`: each decoder layer, then the root) over the data-parallel mesh.
 
-Precision: master weights are float32 by default (`dtype`). bf16 compute comes from the Trainer's `precision:
-bf16-mixed` (autocast; works on CPU and GPU, with or without FSDP), or, under FSDP2, from `fsdp_param_dtype:
-bfloat16` (FSDP2 MixedPrecisionPolicy: bf16 all-gathers and compute, float32 gradient reduction; use it with
-Trainer precision `32-true`), which halves the all-gather traffic on GPUs.
+Precision: master weights are float32 by default (`dtype: auto` trains float32 weights, and the CLI picks the
+Trainer precision that `cllm.hardware.auto_dtype` finds fast: bf16-mixed on CUDA and on AMX/AVX-512-BF16 CPUs, else
+32-true). bf16 compute comes from the Trainer's `precision: bf16-mixed` (autocast; works on CPU and GPU, with or
+without FSDP), or, under FSDP2, from `fsdp_param_dtype: bfloat16` (or `auto`; FSDP2 MixedPrecisionPolicy: bf16
+all-gathers and compute, float32 gradient reduction; use it with Trainer precision `32-true`), which halves the
+all-gather traffic on GPUs.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 from lightning.pytorch import LightningModule
 
 from cllm.errors import UserError
+from cllm.hardware import auto_dtype
 from cllm.logit_table import needed_positions, sliced_forward
 from cllm.models import (
     load_model,
@@ -37,7 +40,7 @@ class CLLMModule(LightningModule):
 
     Args:
         model: model spec for `cllm.models.load_model` (`smollm2-135m`, a local HF folder, `tiny`, ...).
-        dtype: dtype of the master weights.
+        dtype: dtype of the master weights; `auto`: float32 (the compute dtype is the Trainer precision's).
         attn_implementation: `auto` (flash_attention_2 when available on CUDA, else sdpa), `sdpa`, `eager`, ...
         n: Jacobi block size; None takes the data module's `n`.
         consistency: `global` (target: the model on context + fixed point) or `local` (target: next state).
@@ -66,7 +69,7 @@ class CLLMModule(LightningModule):
     def __init__(
         self,
         model: str = "smollm2-135m",
-        dtype: str = "float32",
+        dtype: str = "auto",
         attn_implementation: str = "auto",
         n: int | None = None,
         consistency: str = "global",
@@ -115,7 +118,9 @@ class CLLMModule(LightningModule):
         if mesh is not None and hp.meta_init and local_folder(hp.model) is not None:
             self._configure_sharded(mesh)
             return
-        model, tokenizer = load_model(hp.model, dtype=hp.dtype, attn_implementation=hp.attn_implementation)
+        model, tokenizer = load_model(
+            hp.model, dtype=master_dtype(hp.dtype), attn_implementation=hp.attn_implementation
+        )
         self._check_tokenizer(tokenizer)
         self._prepare_for_training(model)
         if mesh is not None:
@@ -132,7 +137,7 @@ class CLLMModule(LightningModule):
         self._check_tokenizer(tokenizer)
         folder = local_folder(hp.model)
         attn = resolve_attn_implementation(hp.attn_implementation)
-        mesh, dtype = data_parallel_mesh(mesh), resolve_dtype(hp.dtype, self.device)
+        mesh, dtype = data_parallel_mesh(mesh), resolve_dtype(master_dtype(hp.dtype))
         model = load_sharded(folder, mesh, attn_implementation=attn, dtype=dtype, mp_policy=self._fsdp_policy())
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         self._prepare_for_training(model)
@@ -151,7 +156,8 @@ class CLLMModule(LightningModule):
             return None
         from torch.distributed.fsdp import MixedPrecisionPolicy
 
-        param_dtype = resolve_dtype(self.hparams.fsdp_param_dtype, self.device)
+        device = self.trainer.strategy.root_device if self._trainer is not None else self.device
+        param_dtype = resolve_dtype(self.hparams.fsdp_param_dtype, device)
         return MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
 
     def _check_tokenizer(self, tokenizer) -> None:
@@ -176,6 +182,16 @@ class CLLMModule(LightningModule):
         self.n = self.n or data_n
         if self.n is None:
             raise UserError("model.init_args.n is not set and the data module has no block size `n`")
+        self._log_precision()
+
+    def _log_precision(self) -> None:
+        """Record what `dtype: auto` chose, and why, with the run's hyperparameters (CSV hparams.yaml, W&B config)."""
+        if self.hparams.dtype != "auto" or self.logger is None:
+            return
+        choice = auto_dtype(self.trainer.strategy.root_device.type)
+        self.logger.log_hyperparams(
+            {"dtype_auto": choice.name, "dtype_auto_reason": choice.reason, "precision": str(self.trainer.precision)}
+        )
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None
@@ -269,6 +285,11 @@ class CLLMModule(LightningModule):
             optimizer, lambda step: warmup_cosine(step, int(total), hp.warmup_ratio, hp.min_lr_ratio)
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def master_dtype(dtype: str) -> str:
+    """The dtype the weights are trained in: `auto` means float32 masters (bf16 comes from autocast or FSDP2)."""
+    return "float32" if dtype == "auto" else dtype
 
 
 def data_parallel_mesh(mesh):
