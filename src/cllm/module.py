@@ -33,6 +33,7 @@ from cllm.models import (
     tokenizer_fingerprint,
 )
 from cllm.objective import LossOptions, batch_losses
+from cllm.sharded_load import data_parallel_mesh, fsdp_policy, load_sharded
 
 
 class CLLMModule(LightningModule):
@@ -115,50 +116,30 @@ class CLLMModule(LightningModule):
             return
         hp = self.hparams
         mesh = getattr(self, "_device_mesh", None)
-        if mesh is not None and hp.meta_init and local_folder(hp.model) is not None:
-            self._configure_sharded(mesh)
-            return
-        model, tokenizer = load_model(
-            hp.model, dtype=master_dtype(hp.dtype), attn_implementation=hp.attn_implementation
-        )
+        mesh = data_parallel_mesh(mesh) if mesh is not None else None
+        folder = local_folder(hp.model) if mesh is not None and hp.meta_init else None
+        if folder is not None:  # meta-device init: no rank ever holds the whole model (`cllm.sharded_load`)
+            tokenizer, attn = load_tokenizer(hp.model), resolve_attn_implementation(hp.attn_implementation)
+            dtype = resolve_dtype(master_dtype(hp.dtype))
+            model = load_sharded(folder, mesh, attn_implementation=attn, dtype=dtype, mp_policy=self._fsdp_policy)
+            model.generation_config.pad_token_id = tokenizer.pad_token_id
+        else:
+            dtype, attn = master_dtype(hp.dtype), hp.attn_implementation
+            model, tokenizer = load_model(hp.model, dtype=dtype, attn_implementation=attn)
         self._check_tokenizer(tokenizer)
-        self._prepare_for_training(model)
-        if mesh is not None:
-            shard_fsdp2(model, data_parallel_mesh(mesh), mp_policy=self._fsdp_policy())
-        self.model = model
-        self.tokenizer = tokenizer
-
-    def _configure_sharded(self, mesh) -> None:
-        """Meta-device init: build on meta, shard, each rank reads its shards (`cllm.sharded_load`)."""
-        from cllm.sharded_load import load_sharded
-
-        hp = self.hparams
-        tokenizer = load_tokenizer(hp.model)
-        self._check_tokenizer(tokenizer)
-        folder = local_folder(hp.model)
-        attn = resolve_attn_implementation(hp.attn_implementation)
-        mesh, dtype = data_parallel_mesh(mesh), resolve_dtype(master_dtype(hp.dtype))
-        model = load_sharded(folder, mesh, attn_implementation=attn, dtype=dtype, mp_policy=self._fsdp_policy())
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
-        self._prepare_for_training(model)
-        self.model, self.tokenizer = model, tokenizer
-
-    def _prepare_for_training(self, model) -> None:
         model.config.use_cache = False  # training never needs the KV cache; saves memory
         model.train()  # load_model returns eval mode; Lightning keeps submodule modes as they are
-        if self.hparams.activation_checkpointing:
+        if hp.activation_checkpointing:
             # Non-reentrant checkpointing composes with FSDP2 (the all-gather is redone inside the recompute).
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if mesh is not None and folder is None:
+            shard_fsdp2(model, mesh, mp_policy=self._fsdp_policy)
+        self.model, self.tokenizer = model, tokenizer
 
+    @property
     def _fsdp_policy(self):
-        """FSDP2's MixedPrecisionPolicy for `fsdp_param_dtype` (None: compute in the master dtype)."""
-        if self.hparams.fsdp_param_dtype is None:
-            return None
-        from torch.distributed.fsdp import MixedPrecisionPolicy
-
         device = self.trainer.strategy.root_device if self._trainer is not None else self.device
-        param_dtype = resolve_dtype(self.hparams.fsdp_param_dtype, device)
-        return MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+        return fsdp_policy(self.hparams.fsdp_param_dtype, device)
 
     def _check_tokenizer(self, tokenizer) -> None:
         """Refuse trajectories tokenized by another tokenizer: their ids would mean different text."""
@@ -290,16 +271,6 @@ class CLLMModule(LightningModule):
 def master_dtype(dtype: str) -> str:
     """The dtype the weights are trained in: `auto` means float32 masters (bf16 comes from autocast or FSDP2)."""
     return "float32" if dtype == "auto" else dtype
-
-
-def data_parallel_mesh(mesh):
-    """The data-parallel mesh of ModelParallelStrategy's 2D mesh; tensor parallelism is refused."""
-    if "tensor_parallel" in mesh.mesh_dim_names and mesh["tensor_parallel"].size() > 1:
-        raise UserError(
-            "tensor parallelism is not supported: set trainer.strategy.init_args.tensor_parallel_size=1 and "
-            "data_parallel_size to the number of processes"
-        )
-    return mesh["data_parallel"]
 
 
 def real_tokens(batch: dict[str, torch.Tensor], n: int) -> int:

@@ -20,7 +20,7 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from cllm.errors import UserError
-from cllm.models import shard_fsdp2
+from cllm.models import resolve_dtype, shard_fsdp2
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -94,3 +94,22 @@ def load_sharded(
         buffer.copy_(buffers[name])
     load_local_shards(model, folder, mesh.get_local_rank(), mesh.size())
     return model
+
+
+def data_parallel_mesh(mesh):
+    """The data-parallel mesh of ModelParallelStrategy's 2D mesh; tensor parallelism is refused."""
+    if "tensor_parallel" in mesh.mesh_dim_names and mesh["tensor_parallel"].size() > 1:
+        raise UserError(
+            "tensor parallelism is not supported: set trainer.strategy.init_args.tensor_parallel_size=1 and "
+            "data_parallel_size to the number of processes"
+        )
+    return mesh["data_parallel"]
+
+
+def fsdp_policy(param_dtype: str | None, device: torch.device):
+    """FSDP2's MixedPrecisionPolicy for `fsdp_param_dtype` (`auto` allowed; None: compute in the master dtype)."""
+    if param_dtype is None:
+        return None
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    return MixedPrecisionPolicy(param_dtype=resolve_dtype(param_dtype, device), reduce_dtype=torch.float32)
