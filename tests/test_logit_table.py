@@ -9,7 +9,7 @@ import pytest
 import torch
 from test_packing import BLOCK, MAX_LENGTH, jacobi_record, pack, tiny_module
 
-from cllm import losses
+from cllm import logit_table, losses
 from cllm.data_modules.trajectory_data import collate
 from cllm.logit_table import LogitTable, head_only_at, needed_positions
 
@@ -119,3 +119,33 @@ def test_chunked_losses_equal_one_chunk(monkeypatch):
 def test_table_rows_slice_like_logits():
     table = LogitTable(torch.arange(6.0).reshape(3, 2), torch.tensor([[0, -1], [1, 2]]))
     assert table[1:].take(torch.tensor([0]), torch.tensor([1])).tolist() == [[4.0, 5.0]]
+
+
+def reference_fused(weight, hidden, targets, label_smoothing):
+    """What Liger's fused linear cross-entropy computes, the plain way (Liger itself needs CUDA and Triton)."""
+    return torch.nn.functional.cross_entropy(hidden @ weight.T, targets, label_smoothing=label_smoothing)
+
+
+FUSED = [
+    ("unpacked", {}),
+    ("unpacked", {"label_smoothing": 0.1, "ar_mask_prompt": True}),
+    ("unpacked", {"ar_target": "labels"}),
+    ("unpacked", {"consistency_weight": 0.0}),
+    ("packed", {}),
+    ("packed", {"consistency_weight": 0.0}),
+]
+
+
+@pytest.mark.parametrize(("layout", "options"), FUSED)
+def test_fused_ar_term_equals_the_sliced_one(monkeypatch, layout, options):
+    batch = unpacked_batch() if layout == "unpacked" else pack(records())
+    plain, plain_grads = losses_and_grads(options, batch, sliced=True)
+    calls = []
+    monkeypatch.setattr(logit_table, "fused_ce_available", lambda device: True)
+    monkeypatch.setattr(logit_table, "fused_linear_cross_entropy", lambda *a: calls.append(1) or reference_fused(*a))
+    fused, fused_grads = losses_and_grads(options, batch, sliced=True)
+    assert calls  # the AR term went through the fused path
+    for name in plain:
+        torch.testing.assert_close(fused[name], plain[name], rtol=1e-12, atol=1e-12)
+    for a, b in zip(fused_grads, plain_grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

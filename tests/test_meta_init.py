@@ -47,9 +47,22 @@ def folder(tmp_path_factory):
     return path
 
 
-def test_meta_load_gives_the_parameters_of_a_plain_load(folder, tmp_path):
+@pytest.fixture(scope="module")
+def tied_folder(tmp_path_factory):
+    """The same with a tied LM head (as SmolLM2): the checkpoint holds the one matrix once."""
+    path = tmp_path_factory.mktemp("tied-folder") / "model"
+    model, tokenizer = build_tiny("tiny:seed=6")
+    model.config.tie_word_embeddings = True
+    model.lm_head.weight = model.model.embed_tokens.weight
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("which", ["folder", "tied_folder"])
+def test_meta_load_gives_the_parameters_of_a_plain_load(which, request, tmp_path):
     (tmp_path / "compare.py").write_text(textwrap.dedent(COMPARE_SCRIPT))
-    done = run(["compare.py", str(folder)], cwd=tmp_path, processes=2)
+    done = run(["compare.py", str(request.getfixturevalue(which))], cwd=tmp_path, processes=2)
     assert done.stdout.count("same") == 2
 
 

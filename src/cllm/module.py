@@ -15,14 +15,16 @@ all-gather traffic on GPUs.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
 from lightning.pytorch import LightningModule
 
+from cllm import logit_table
 from cllm.errors import UserError
 from cllm.hardware import auto_dtype
-from cllm.logit_table import needed_positions, sliced_forward
+from cllm.logit_table import FusedAR, needed_positions, sliced_forward
 from cllm.models import (
     load_model,
     load_tokenizer,
@@ -135,6 +137,9 @@ class CLLMModule(LightningModule):
         if mesh is not None and folder is None:
             shard_fsdp2(model, mesh, mp_policy=self._fsdp_policy)
         self.model, self.tokenizer = model, tokenizer
+        device = self.trainer.strategy.root_device if self._trainer is not None else self.device
+        fused = hp.sliced_logits and logit_table.fused_ce_available(device)  # Liger-Kernel on CUDA
+        self.loss_options = dataclasses.replace(self.loss_options, fused_ar=fused)
 
     @property
     def _fsdp_policy(self):
@@ -191,11 +196,12 @@ class CLLMModule(LightningModule):
         position_ids: torch.Tensor | None = None,
         *,
         reads: list[tuple[torch.Tensor, torch.Tensor]],
+        fused: FusedAR | None = None,
     ):
         """Logits of a batch for the losses: a `LogitTable` at the (rows, positions) they `reads`, or, without
-        `sliced_logits`, all of them [B, L, V]."""
+        `sliced_logits`, all of them [B, L, V]. A `fused` AR term gets its loss computed in the same forward."""
         needed = needed_positions(input_ids.shape, *reads) if self.hparams.sliced_logits else None
-        return sliced_forward(lambda: self(input_ids, attention_mask, position_ids), self.model, needed)
+        return sliced_forward(lambda: self(input_ids, attention_mask, position_ids), self.model, needed, fused)
 
     def _custom_attention_mask(self, may_attend: torch.Tensor) -> torch.Tensor:
         """The 4D mask in the form the attention takes it: boolean for sdpa, additive (0 / -inf) for eager."""

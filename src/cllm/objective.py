@@ -18,6 +18,7 @@ import torch
 
 from cllm import forcing_losses, losses
 from cllm.errors import UserError
+from cllm.logit_table import FusedAR
 
 CONSISTENCY_KINDS = ("global", "local")
 AR_TARGETS = ("fixed_point", "labels")
@@ -36,6 +37,7 @@ class LossOptions:
     ar_target: str = "fixed_point"
     ar_mask_prompt: bool = False
     label_smoothing: float = 0.0
+    fused_ar: bool = False  # compute L_ar inside the LM head (Liger-Kernel, CUDA): set by the module where it runs
 
     def __post_init__(self) -> None:
         if self.consistency not in CONSISTENCY_KINDS:
@@ -57,7 +59,7 @@ def batch_losses(
     logits: Logits, batch: dict[str, torch.Tensor], options: LossOptions, n: int
 ) -> dict[str, torch.Tensor]:
     """The loss parts of one batch (`loss`, `consistency_loss`, `ar_loss`), with as few forward passes as the
-    options allow. `logits(input_ids, attention_mask, position_ids=None, *, reads)` runs the model
+    options allow. `logits(input_ids, attention_mask, position_ids=None, *, reads, fused=None)` runs the model
     (`CLLMModule.logits`: a `LogitTable` at the (rows, positions) in `reads`, or all logits [B, L, V]).
 
     Global consistency with the AR loss on the fixed point needs ONE forward pass with grad, over the student
@@ -86,16 +88,19 @@ def batch_losses(
     prompt_length = batch["prompt_length"] if hp.ar_mask_prompt else None
     blocks = block_reads(batch["block_start"], n)
     reads = [blocks] if use_consistency else []  # student rows first, then the fixed-point rows
+    fused = None
     if need_fixed_point:
         offset = rows if use_consistency else 0
         if use_consistency and hp.consistency == "global":
             reads.append((blocks[0] + offset, blocks[1]))
-        if ar_on_fixed_point:
+        fused = fused_ar(batch["fixed_point_ids"], mask, prompt_length, hp, offset) if ar_on_fixed_point else None
+        if ar_on_fixed_point and fused is None:
             ar_rows, ar_positions = ar_reads(batch["fixed_point_ids"], mask, prompt_length)
             reads.append((ar_rows + offset, ar_positions))
     table = None
     if grad_inputs:
-        table = logits(torch.cat(grad_inputs), torch.cat([mask] * len(grad_inputs)), reads=reads)
+        inputs, masks = torch.cat(grad_inputs), torch.cat([mask] * len(grad_inputs))
+        table = logits(inputs, masks, reads=reads, fused=fused)
     student_logits = table[:rows] if use_consistency else None
     fixed_point_logits = table[-rows:] if need_fixed_point else None
 
@@ -121,7 +126,9 @@ def batch_losses(
         )
 
     ar = zero
-    if ar_on_fixed_point:
+    if ar_on_fixed_point and fused is not None:
+        ar = fused.loss
+    elif ar_on_fixed_point:
         ar = losses.ar_loss(
             fixed_point_logits,
             batch["fixed_point_ids"],
@@ -134,15 +141,20 @@ def batch_losses(
             raise UserError("model.ar_target=labels needs labels_ids: set data.init_args.use_labels=true")
         labels, labels_mask = batch["labels_ids"], batch["labels_attention_mask"]
         labels_scored = labels_mask * (labels != -100)
-        label_reads = [ar_reads(labels.clamp(min=0), labels_scored, prompt_length)]
-        # -100 padding is masked; clamp keeps ids valid
-        label_logits = logits(labels.clamp(min=0), labels_mask, reads=label_reads)
-        ar = losses.ar_loss(
-            label_logits,
-            labels.clamp(min=0),
-            labels_scored,
-            prompt_length=prompt_length,
-            label_smoothing=hp.label_smoothing,
+        labels = labels.clamp(min=0)  # -100 padding is masked; clamp keeps ids valid
+        fused = fused_ar(labels, labels_scored, prompt_length, hp)
+        label_reads = [] if fused is not None else [ar_reads(labels, labels_scored, prompt_length)]
+        label_logits = logits(labels, labels_mask, reads=label_reads, fused=fused)
+        ar = (
+            fused.loss
+            if fused is not None
+            else losses.ar_loss(
+                label_logits,
+                labels,
+                labels_scored,
+                prompt_length=prompt_length,
+                label_smoothing=hp.label_smoothing,
+            )
         )
     total = losses.total_loss(consistency, ar, consistency_weight=hp.consistency_weight, ar_weight=hp.ar_weight)
     return {"loss": total, "consistency_loss": consistency, "ar_loss": ar}
@@ -165,9 +177,10 @@ def packed_batch_losses(
     if use_consistency:
         segment_rows, _, logit_positions = losses.packed_segments(batch["block_start"], batch["segment_starts"], n)
         reads += [block_reads(batch["block_start"], n), (segment_rows[:, None], logit_positions)]
-    if use_ar:
+    fused = fused_ar(ids, batch["fixed_point_mask"], prompt_length, hp) if use_ar else None
+    if use_ar and fused is None:
         reads.append(ar_reads(ids, batch["fixed_point_mask"], prompt_length))
-    table = logits(ids, batch["attention_mask"], batch["position_ids"], reads=reads)
+    table = logits(ids, batch["attention_mask"], batch["position_ids"], reads=reads, fused=fused)
     zero = ids.new_zeros((), dtype=torch.float32)
     consistency = zero
     if use_consistency:
@@ -182,12 +195,16 @@ def packed_batch_losses(
         )
     ar = zero
     if use_ar:
-        ar = losses.ar_loss(
-            table,
-            ids,
-            batch["fixed_point_mask"],  # the ctx + y* segment only: the unpacked AR row
-            prompt_length=prompt_length,
-            label_smoothing=hp.label_smoothing,
+        ar = (
+            fused.loss
+            if fused is not None
+            else losses.ar_loss(
+                table,
+                ids,
+                batch["fixed_point_mask"],  # the ctx + y* segment only: the unpacked AR row
+                prompt_length=prompt_length,
+                label_smoothing=hp.label_smoothing,
+            )
         )
     total = losses.total_loss(consistency, ar, consistency_weight=hp.consistency_weight, ar_weight=hp.ar_weight)
     return {"loss": total, "consistency_loss": consistency, "ar_loss": ar}
@@ -230,6 +247,22 @@ def block_reads(block_start: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.
     return torch.arange(block_start.shape[0], device=block_start.device)[:, None], losses.block_positions(
         block_start, n
     )
+
+
+def fused_ar(
+    input_ids: torch.Tensor,
+    scored: torch.Tensor,
+    prompt_length: torch.Tensor | None,
+    options: LossOptions,
+    offset: int = 0,
+) -> FusedAR | None:
+    """The AR term to compute inside the LM head (`options.fused_ar`), else None: its logits are read instead."""
+    if not options.fused_ar:
+        return None
+    rows, positions, targets = losses.scored_positions(losses.ar_labels(input_ids, scored, prompt_length))
+    if targets.numel() == 0:
+        return None
+    return FusedAR(rows + offset, positions, targets, options.label_smoothing)
 
 
 def ar_reads(
