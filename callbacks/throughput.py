@@ -26,6 +26,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from cllm.hardware import peak_flops
+from cllm.models import resolve_dtype
 from cllm.module import real_tokens
 
 COMPUTE_DTYPES = {"bf16": torch.bfloat16, "16": torch.float16}  # a Trainer precision prefix -> its matmul dtype
@@ -132,7 +133,5 @@ def compute_dtype(trainer: Trainer, pl_module: LightningModule) -> torch.dtype:
             return dtype
     fsdp_dtype = getattr(pl_module, "hparams", {}).get("fsdp_param_dtype")
     if fsdp_dtype:
-        from cllm.models import resolve_dtype
-
         return resolve_dtype(fsdp_dtype, pl_module.device)
     return next(pl_module.parameters()).dtype

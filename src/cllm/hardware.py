@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from lightning.fabric.utilities.throughput import _CUDA_FLOPS, get_available_flops
 
 log = logging.getLogger("cllm")
 
@@ -129,8 +130,6 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
     """Theoretical peak FLOP/s of one device at `dtype` (Lightning's table; CUDA only), None when unknown."""
     if device.type != "cuda":
         return None
-    from lightning.fabric.utilities.throughput import _CUDA_FLOPS, get_available_flops
-
     if "h200" in torch.cuda.get_device_name(device).lower():
         # H200 computes like an H100 SXM; Lightning's h200 entries are the with-sparsity figures (2x dense)
         return float(_CUDA_FLOPS["h100 sxm"][dtype]) if dtype in _CUDA_FLOPS["h100 sxm"] else None

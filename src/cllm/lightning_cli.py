@@ -22,6 +22,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from cllm.arguments import normalize_flags, one_line, resolve_config_args
 from cllm.errors import UserError
+from cllm.hardware import auto_dtype, autocast_precision
 from cllm.records import block_size
 from cllm.safe_checkpoint import UNREADABLE, exception_line, guard_checkpoint_loading
 from cllm.slurm import SLURMRequeue, check_slurm_layout
@@ -136,8 +137,6 @@ def match_precision(config) -> None:
     """`model.dtype: auto` and no `trainer.precision`: train float32 weights at the compute dtype `auto` picks on the
     trainer's accelerator (`cllm.hardware`): bf16-mixed where bf16 is fast, 16-mixed on CUDA without bf16, else
     32-true. An explicit precision (llama7b.yaml: 32-true under FSDP2's bf16 policy) is kept."""
-    from cllm.hardware import auto_dtype, autocast_precision
-
     model = config.get("model")
     init_args = getattr(model, "init_args", None) or {}
     if config.trainer.get("precision") is not None or init_args.get("dtype", "auto") != "auto":

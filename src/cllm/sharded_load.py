@@ -16,7 +16,9 @@ import math
 from pathlib import Path
 
 import torch
+from accelerate import init_empty_weights
 from safetensors import safe_open
+from torch.distributed.fsdp import MixedPrecisionPolicy
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from cllm.errors import UserError
@@ -46,11 +48,11 @@ def local_rows(rows: int, rank: int, world: int) -> tuple[int, int]:
 
 def build_on_meta(folder: Path, attn_implementation: str, dtype: torch.dtype) -> PreTrainedModel:
     """The model of `folder`'s config with parameters on the meta device and real (CPU) buffers."""
-    from accelerate import init_empty_weights
-
     config = AutoConfig.from_pretrained(folder)
     with init_empty_weights(include_buffers=False):
-        return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+    model.tie_weights()  # init_empty_weights re-registers every parameter, which unties a tied LM head
+    return model
 
 
 @torch.no_grad()
@@ -110,6 +112,5 @@ def fsdp_policy(param_dtype: str | None, device: torch.device):
     """FSDP2's MixedPrecisionPolicy for `fsdp_param_dtype` (`auto` allowed; None: compute in the master dtype)."""
     if param_dtype is None:
         return None
-    from torch.distributed.fsdp import MixedPrecisionPolicy
 
     return MixedPrecisionPolicy(param_dtype=resolve_dtype(param_dtype, device), reduce_dtype=torch.float32)
