@@ -53,6 +53,8 @@ SKIPPED = (
     "train/lr",
     "train/tokens_per_s",
     "train/seconds_per_step",
+    "train/samples_per_s",
+    "train/mfu",
     "train/grad_norm",
     "val/jacobi_tokens_per_s",
     "epoch",
