@@ -57,24 +57,23 @@ def build_on_meta(folder: Path, attn_implementation: str, dtype: torch.dtype) ->
 
 @torch.no_grad()
 def load_local_shards(model: torch.nn.Module, folder: Path, rank: int, world: int) -> None:
-    """Fill each (FSDP2-sharded, allocated) parameter's local shard with its rows read from the safetensors."""
+    """Fill each (FSDP2-sharded, allocated) parameter's local shard with its rows read from the safetensors.
+
+    The file is opened (memory-mapped) per weight, so only one weight's rows are ever mapped in at a time.
+    """
     files = weight_files(folder)
-    handles: dict[Path, object] = {}
-    try:
-        for name, parameter in model.named_parameters():  # a tied weight is listed once, under its first name
-            if name not in files:
-                raise UserError(f"{folder}: weight {name!r} is not in the checkpoint; cannot load it sharded")
-            if files[name] not in handles:
-                handles[files[name]] = safe_open(files[name], "pt", device="cpu")
-            local = parameter.to_local() if hasattr(parameter, "to_local") else parameter
-            whole = handles[files[name]].get_slice(name)
+    for name, parameter in model.named_parameters():  # a tied weight is listed once, under its first name
+        if name not in files:
+            raise UserError(f"{folder}: weight {name!r} is not in the checkpoint; cannot load it sharded")
+        local = parameter.to_local() if hasattr(parameter, "to_local") else parameter
+        with safe_open(files[name], "pt", device="cpu") as handle:
+            whole = handle.get_slice(name)
             start, stop = local_rows(whole.get_shape()[0], rank, world) if local is not parameter else (0, None)
             rows = whole[start:stop]
             if tuple(rows.shape) != tuple(local.shape):
                 raise UserError(f"{folder}: weight {name!r} has shape {whole.get_shape()}, the model expects another")
             local.copy_(rows)
-    finally:
-        handles.clear()
+            del rows
 
 
 def load_sharded(
