@@ -32,6 +32,7 @@ from cllm.arguments import resolve_config  # noqa: E402
 from cllm.callbacks.accepted_tokens import common_prefix_fraction  # noqa: E402
 from cllm.data_modules.prompts import load_prompts  # noqa: E402
 from cllm.files import write_json  # noqa: E402
+from cllm.hardware import recorded_cpu_flags  # noqa: E402
 from cllm.tracking import read_metrics_csv  # noqa: E402
 
 VARIANTS = {"cllm": [], "pack4": ["ablations/pack4.yaml"], "jacobi_forcing": ["ablations/jacobi_forcing.yaml"]}
@@ -202,11 +203,7 @@ def plot(results: dict, output: Path) -> list[str]:
 
 
 def cpu_flags() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "unknown"
-    return " ".join(flag for flag in ("avx2", "avx512_bf16", "amx_bf16") if f" {flag}" in text)
+    return " ".join(recorded_cpu_flags()) or "unknown"
 
 
 def main() -> None:

@@ -27,7 +27,7 @@ from lightning.fabric.utilities.throughput import _CUDA_FLOPS, get_available_flo
 log = logging.getLogger("cllm")
 
 BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")  # the first one found names the reason
-RECORDED_CPU_FLAGS = ("amx_bf16", "avx512_bf16", "avx512f", "avx2")  # written beside every benchmark figure
+RECORDED_CPU_FLAGS = ("amx_bf16", "amx_tile", "avx512_bf16", "avx512f", "avx2")  # written beside every benchmark figure
 PROBE_SPEEDUP = 1.2  # bf16 must beat float32 by this factor: a near tie is not worth the rounding
 
 

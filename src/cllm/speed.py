@@ -22,6 +22,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from cllm.hardware import recorded_cpu_flags
+
 CONVENTION = "generated tokens / decode forward passes, per sequence, mean"
 Decoder = Callable[[list[list[int]]], tuple[list[list[int]], list[list[int]]]]  # batch -> (tokens, per pass)
 
@@ -121,11 +123,5 @@ def format_rows(rows: list[tuple]) -> str:
 
 
 def cpu_flags() -> list[str]:
-    """The CPU features that decide matmul speed here (recorded beside every figure)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
-    present = set(text.split())
-    return [flag for flag in wanted if flag in present]
+    """The CPU features that decide matmul speed here (recorded beside every figure; `cllm.hardware` reads them)."""
+    return recorded_cpu_flags()
