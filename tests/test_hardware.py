@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from jsonargparse import Namespace
 
 from cllm import hardware
 from cllm.errors import UserError
+from cllm.lightning_cli import match_precision
 from cllm.models import resolve_dtype
 
 EPYC_AVX2 = "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n\nprocessor\t: 1\nflags\t\t: fpu sse2 avx avx2 fma\n"
@@ -92,3 +94,34 @@ def test_peak_flops(monkeypatch):
     assert hardware.peak_flops(torch.device("cuda"), torch.bfloat16) == pytest.approx(989.4e12, rel=0.01)  # dense
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
     assert hardware.peak_flops(torch.device("cuda"), torch.bfloat16) == pytest.approx(312e12, rel=0.01)
+
+
+def cli_config(precision=None, dtype="auto", accelerator="cpu"):
+    model = Namespace(class_path="cllm.module.CLLMModule", init_args=Namespace(model="tiny", dtype=dtype))
+    return Namespace(trainer=Namespace(precision=precision, accelerator=accelerator), model=model)
+
+
+@pytest.mark.parametrize(
+    ("speedup", "precision", "dtype", "expected"),
+    [
+        (3.0, None, "auto", "bf16-mixed"),  # bf16 is fast here: float32 masters, bf16 autocast
+        (0.5, None, "auto", "32-true"),  # the probe says no
+        (3.0, "32-true", "auto", "32-true"),  # an explicit precision wins (llama7b.yaml under FSDP2's bf16 policy)
+        (3.0, None, "float32", None),  # an explicit dtype: Lightning's default precision
+    ],
+)
+def test_fit_precision_follows_dtype_auto(monkeypatch, tmp_path, speedup, precision, dtype, expected):
+    genoa = flags_of(tmp_path, GENOA)
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: genoa)
+    monkeypatch.setattr(hardware, "bf16_probe", lambda: speedup)
+    config = cli_config(precision, dtype)
+    match_precision(config)
+    assert config.trainer.precision == expected
+
+
+def test_fit_precision_on_a_faked_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA Fake 9000")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: False)
+    config = cli_config(accelerator="gpu")
+    match_precision(config)
+    assert config.trainer.precision == "16-mixed"

@@ -139,7 +139,7 @@ def match_precision(config) -> None:
     32-true. An explicit precision (llama7b.yaml: 32-true under FSDP2's bf16 policy) is kept."""
     model = config.get("model")
     init_args = getattr(model, "init_args", None) or {}
-    if config.trainer.get("precision") is not None or init_args.get("dtype", "auto") != "auto":
+    if config.trainer.get("precision") is not None or init_args.get("dtype") != "auto":
         return
     accelerator = str(config.trainer.get("accelerator") or "auto")
     if accelerator == "auto":
