@@ -26,13 +26,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import yaml  # noqa: E402
-from headline import evaluate, run_stage  # noqa: E402  (a sibling script)
+from headline import run_stage  # noqa: E402  (a sibling script)
+from plotting import pyplot  # noqa: E402
 
 from cllm.arguments import resolve_config  # noqa: E402
-from cllm.callbacks.accepted_tokens import common_prefix_fraction  # noqa: E402
 from cllm.data_modules.prompts import load_prompts  # noqa: E402
 from cllm.files import write_json  # noqa: E402
 from cllm.hardware import recorded_cpu_flags  # noqa: E402
+from cllm.scoring import compare_with_base, evaluate_model  # noqa: E402
 from cllm.tracking import read_metrics_csv  # noqa: E402
 
 VARIANTS = {"cllm": [], "pack4": ["ablations/pack4.yaml"], "jacobi_forcing": ["ablations/jacobi_forcing.yaml"]}
@@ -181,13 +182,8 @@ def markdown(results: dict) -> str:
 
 
 def plot(results: dict, output: Path) -> list[str]:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot")
+    plt = pyplot()
+    if plt is None:
         return []
     figure, axis = plt.subplots(figsize=(6, 4))
     for name, entry in results["variants"].items():
@@ -238,13 +234,13 @@ def main() -> None:
         start = time.perf_counter()
         domain = DOMAINS[args.domain]
         prompts = {domain["set"]: load_prompts(domain["test"], limit=args.test_limit)}
-        profile = {"max_new_tokens": args.max_new_tokens, "speed_limit": 0}
-        test = {"base": evaluate(args.base, prompts, profile, ["float32"])[domain["set"]]}
+        evaluation = {"n": 16, "max_new_tokens": args.max_new_tokens}
+        base = evaluate_model(args.base, prompts, **evaluation)
+        test = {"base": base[domain["set"]]}
         for name, folder in models.items():
-            test[name] = evaluate(str(folder), prompts, profile, ["float32"])[domain["set"]]
-            pairs = list(zip(test[name]["outputs"], test["base"]["outputs"]))
-            test[name]["exact_match_vs_base"] = sum(a == b for a, b in pairs) / len(pairs)
-            test[name]["common_prefix_vs_base"] = sum(common_prefix_fraction(a, b) for a, b in pairs) / len(pairs)
+            report = evaluate_model(str(folder), prompts, **evaluation)
+            compare_with_base(base, report)
+            test[name] = report[domain["set"]]
         for entry in test.values():
             entry["output_lengths"] = [len(o) for o in entry.pop("outputs")]
         timings["test"] = time.perf_counter() - start

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from plotting import pyplot
+
 
 def markdown(results: dict) -> str:
     settings, sets = results["settings"], results["sets"]
@@ -66,13 +68,8 @@ def has_speed(results: dict) -> bool:
 
 
 def plots(results: dict, output: Path) -> list[str]:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plots (pip install matplotlib)")
+    plt = pyplot()
+    if plt is None:
         return []
     made = []
     sets = results["sets"]

@@ -20,9 +20,9 @@ from cllm.jacobi import (
     JacobiResult,
     _as_set,
     _fill_block,
-    accepted_lengths,
     cache_argument,
     commit,
+    jacobi_step,
     left_pad,
 )
 
@@ -177,7 +177,7 @@ def static_jacobi_generate(
     start = width
     while active:
         predictions = run.run(block, positions[:, None] + offsets, valid, start)
-        accepted = accepted_lengths(block, predictions)
+        accepted, carried, needs_guess = jacobi_step(block, predictions)
         finished = set()
         for row in active:
             proposed = block[row, : accepted[row]].tolist()
@@ -191,9 +191,7 @@ def static_jacobi_generate(
         valid[:, start : start + n] = offsets < accepted[:, None]  # holes; slots past `longest` are rewritten
         start, positions = start + longest, positions + accepted
         # Next block: q[a-1], q[a:], then fresh guesses (drawn for the rows active in this pass, as jacobi does).
-        index = (accepted[:, None] - 1).clamp(min=0) + offsets
-        carried = predictions.gather(1, index.clamp(max=n - 1))
         fresh = _fill_block(carried[active, :1], n, [prompt_tensors[r] for r in active], init, pad_token_id, generator)
-        block[active] = torch.where(index[active] < n, carried[active], fresh)
+        block[active] = torch.where(needs_guess[active], fresh, carried[active])
         active = [row for row in active if row not in finished]
     return JacobiResult(tokens, accepted_per_pass, n)

@@ -50,16 +50,8 @@ def pair_divergences(
     return divergence(target, student, kind), keep
 
 
-def forcing_consistency_loss(
-    logits: torch.Tensor,
-    input_ids: torch.Tensor,
-    pair_starts: torch.Tensor,
-    pair_scored: torch.Tensor,
-    n: int,
-    kind: str = "soft_ce",
-) -> torch.Tensor:
-    """L_c: mean over kept (pair, offset) of the batch; 0 (with a graph) when nothing is kept."""
-    per_offset, keep = pair_divergences(logits, input_ids, pair_starts, pair_scored, n, kind)
+def kept_mean(per_offset: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """L_c from `pair_divergences`: mean over kept (pair, offset) of the batch; 0 (with a graph) when none is kept."""
     keep = keep.to(per_offset.dtype)
     return (per_offset * keep).sum() / keep.sum().clamp(min=1)
 
@@ -112,9 +104,8 @@ def forcing_losses(
     zero = batch["input_ids"].new_zeros((), dtype=torch.float32)
     consistency = zero
     if consistency_weight != 0:
-        consistency = forcing_consistency_loss(
-            logits, batch["input_ids"], batch["pair_starts"], batch["pair_scored"], n, kind
-        )
+        divergences = pair_divergences(logits, batch["input_ids"], batch["pair_starts"], batch["pair_scored"], n, kind)
+        consistency = kept_mean(*divergences)
     ar = zero
     if ar_weight != 0:
         prompt_length = batch["prompt_length"] if ar_mask_prompt else None

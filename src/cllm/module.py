@@ -45,7 +45,7 @@ class CLLMModule(LightningModule):
         model: model spec for `cllm.models.load_model` (`smollm2-135m`, a local HF folder, `tiny`, ...).
         dtype: dtype of the master weights; `auto`: float32 (the compute dtype is the Trainer precision's).
         attn_implementation: `auto` (flash_attention_2 when available on CUDA, else sdpa), `sdpa`, `eager`, ...
-        n: Jacobi block size; None takes the data module's `n`.
+        n: Jacobi block size: the data's (`cllm fit` links it here); None takes the data module's `n`.
         consistency: `global` (target: the model on context + fixed point) or `local` (target: next state).
         divergence: forward_kl, soft_ce or reverse_kl (see `cllm.losses.divergence`).
         mask_before_mismatch: score only block positions whose input prefix differs from the target's.
@@ -106,11 +106,9 @@ class CLLMModule(LightningModule):
             label_smoothing=label_smoothing,
         )
         # `n` stays out of the hparams: Lightning refuses module and data hparams that share a key with different
-        # values, and n=None here means "the data module's n".
+        # values. It is the data's: `cllm fit` links it here; None reads the data module's in `setup`.
         self.save_hyperparameters(ignore=["n"])
-        self.model = None
-        self.tokenizer = None
-        self.n = n
+        self.model, self.tokenizer, self.n = None, None, n
 
     # ---------------------------------------------------------------- model
     def configure_model(self) -> None:

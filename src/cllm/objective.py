@@ -126,16 +126,8 @@ def batch_losses(
         )
 
     ar = zero
-    if ar_on_fixed_point and fused is not None:
-        ar = fused.loss
-    elif ar_on_fixed_point:
-        ar = losses.ar_loss(
-            fixed_point_logits,
-            batch["fixed_point_ids"],
-            mask,
-            prompt_length=prompt_length,
-            label_smoothing=hp.label_smoothing,
-        )
+    if ar_on_fixed_point:
+        ar = _ar_loss(fused, fixed_point_logits, batch["fixed_point_ids"], mask, prompt_length, hp)
     elif use_ar:
         if "labels_ids" not in batch:
             raise UserError("model.ar_target=labels needs labels_ids: set data.init_args.use_labels=true")
@@ -145,19 +137,8 @@ def batch_losses(
         fused = fused_ar(labels, labels_scored, prompt_length, hp)
         label_reads = [] if fused is not None else [ar_reads(labels, labels_scored, prompt_length)]
         label_logits = logits(labels, labels_mask, reads=label_reads, fused=fused)
-        ar = (
-            fused.loss
-            if fused is not None
-            else losses.ar_loss(
-                label_logits,
-                labels,
-                labels_scored,
-                prompt_length=prompt_length,
-                label_smoothing=hp.label_smoothing,
-            )
-        )
-    total = losses.total_loss(consistency, ar, consistency_weight=hp.consistency_weight, ar_weight=hp.ar_weight)
-    return {"loss": total, "consistency_loss": consistency, "ar_loss": ar}
+        ar = _ar_loss(fused, label_logits, labels, labels_scored, prompt_length, hp)
+    return loss_parts(consistency, ar, hp)
 
 
 def packed_batch_losses(
@@ -195,19 +176,8 @@ def packed_batch_losses(
         )
     ar = zero
     if use_ar:
-        ar = (
-            fused.loss
-            if fused is not None
-            else losses.ar_loss(
-                table,
-                ids,
-                batch["fixed_point_mask"],  # the ctx + y* segment only: the unpacked AR row
-                prompt_length=prompt_length,
-                label_smoothing=hp.label_smoothing,
-            )
-        )
-    total = losses.total_loss(consistency, ar, consistency_weight=hp.consistency_weight, ar_weight=hp.ar_weight)
-    return {"loss": total, "consistency_loss": consistency, "ar_loss": ar}
+        ar = _ar_loss(fused, table, ids, batch["fixed_point_mask"], prompt_length, hp)  # the ctx + y* segment only
+    return loss_parts(consistency, ar, hp)
 
 
 def forcing_batch_losses(
@@ -222,16 +192,29 @@ def forcing_batch_losses(
         batch, n, consistency=hp.consistency_weight != 0, ar=hp.ar_weight != 0, prompt_length=prompt_length
     )
     table = logits(batch["input_ids"], batch["attention_mask"], batch["position_ids"], reads=reads)
+    weights = {"consistency_weight": hp.consistency_weight, "ar_weight": hp.ar_weight}
     return forcing_losses.forcing_losses(
         table,
         batch,
         n,
         kind=hp.divergence,
-        consistency_weight=hp.consistency_weight,
-        ar_weight=hp.ar_weight,
         ar_mask_prompt=hp.ar_mask_prompt,
         label_smoothing=hp.label_smoothing,
+        **weights,
     )
+
+
+def _ar_loss(fused, logits, ids: torch.Tensor, mask: torch.Tensor, prompt_length, options: LossOptions) -> torch.Tensor:
+    """L_ar: the fused cross-entropy's when the forward computed it (`fused_ar`), else from the logits."""
+    if fused is not None:
+        return fused.loss
+    return losses.ar_loss(logits, ids, mask, prompt_length=prompt_length, label_smoothing=options.label_smoothing)
+
+
+def loss_parts(consistency: torch.Tensor, ar: torch.Tensor, options: LossOptions) -> dict[str, torch.Tensor]:
+    """loss = consistency_weight * L_c + ar_weight * L_ar, with its parts (what training logs)."""
+    weights = {"consistency_weight": options.consistency_weight, "ar_weight": options.ar_weight}
+    return {"loss": losses.total_loss(consistency, ar, **weights), "consistency_loss": consistency, "ar_loss": ar}
 
 
 def check_one_pass(options: LossOptions, layout: str) -> None:
