@@ -1,7 +1,7 @@
 """The objective ablation: CLLM (one state per row), CLLM pack4 and Jacobi Forcing on the same trajectories, the same
 optimizer steps and schedule, then the base model and each variant on the test split, in one report.
 
-    python benchmarks/forcing_ablation.py --data /work/wt/data/json-extract-n16        # json-extract, 60 steps
+    python benchmarks/forcing_ablation.py --data /work/wt/data/json-extract-n16        # json-extract, 40 steps
     python benchmarks/forcing_ablation.py --domain code --data DATA --steps 40         # stdlib-code
     python benchmarks/forcing_ablation.py --report-only --output docs/results/forcing-ablation-json
 
@@ -78,6 +78,21 @@ def fit_variant(name: str, args: argparse.Namespace, work: Path, timings: dict) 
         timings,
     )
     return model
+
+
+def cached_evaluate(spec: str, folder: Path, prompts: dict, evaluation: dict) -> dict:
+    """`cllm.scoring.evaluate_model` of one model on the test prompts, kept in folder/test.json (greedy decoding
+    repeats exactly), so a report with one more variant decodes only that one."""
+    key = {"spec": spec, "prompts": {k: [p.id for p in v] for k, v in prompts.items()}, **evaluation}
+    path = folder / "test.json"
+    if path.is_file():
+        stored = json.loads(path.read_text())
+        if stored["key"] == key:
+            return stored["report"]
+    report = evaluate_model(spec, prompts, **evaluation)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json(path, {"key": key, "report": report})
+    return report
 
 
 def read_log(root: Path, val_every: int) -> dict:
@@ -209,7 +224,7 @@ def main() -> None:
     parser.add_argument("--config", default="smollm2-135m.yaml")
     parser.add_argument("--base", default="smollm2-135m", help="the base model (the config's model.init_args.model)")
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--val-every", type=int, default=20)
     parser.add_argument("--test-limit", type=int, default=48, help="test-split prompts")
     parser.add_argument("--max-new-tokens", type=int, default=64)
@@ -235,10 +250,10 @@ def main() -> None:
         domain = DOMAINS[args.domain]
         prompts = {domain["set"]: load_prompts(domain["test"], limit=args.test_limit)}
         evaluation = {"n": 16, "max_new_tokens": args.max_new_tokens}
-        base = evaluate_model(args.base, prompts, **evaluation)
+        base = cached_evaluate(args.base, work / "base", prompts, evaluation)
         test = {"base": base[domain["set"]]}
         for name, folder in models.items():
-            report = evaluate_model(str(folder), prompts, **evaluation)
+            report = cached_evaluate(str(folder), work / name, prompts, evaluation)
             compare_with_base(base, report)
             test[name] = report[domain["set"]]
         for entry in test.values():
