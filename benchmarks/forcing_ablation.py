@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -41,6 +42,7 @@ DOMAINS = {
     "json": {"overlays": ["domains/json-extract.yaml"], "set": "json-extract", "test": "json-extract:test"},
     "code": {"overlays": [], "set": "stdlib-code", "test": "stdlib-code:test"},
 }
+BEGIN, END = "<!-- forcing-ablation:begin -->", "<!-- forcing-ablation:end -->"
 CURVES = ("val/accepted_tokens_per_step", "val/base_agreement", "val/degenerate_rate")
 
 
@@ -232,6 +234,9 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=None, help="default: docs/results/forcing-ablation-DOMAIN")
     parser.add_argument("--report-only", action="store_true", help="re-render from --output's results.json")
     parser.add_argument("--fit-only", action="store_true", help="train and export the variants, no report")
+    parser.add_argument(
+        "--headline", type=Path, help="also put the tables between the forcing-ablation markers of this markdown file"
+    )
     parser.add_argument("fit_args", nargs="*", help="extra overrides for every `cllm fit` (after --)")
     args = parser.parse_args()
     output = args.output or Path("docs/results") / f"forcing-ablation-{args.domain}"
@@ -282,6 +287,21 @@ def main() -> None:
     write_json(output / "results.json", results)
     (output / "results.md").write_text(markdown(results))
     print(markdown(results))
+    if args.headline:
+        insert_tables(args.headline, markdown(results), output)
+
+
+def insert_tables(path: Path, report: str, output: Path) -> None:
+    """Replace what stands between BEGIN and END in `path` with the report's tables (its title dropped)."""
+    text = path.read_text()
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"{path}: no {BEGIN} ... {END} markers to put the tables between")
+    body = report.split("\n", 1)[1].replace("## ", "#### ")
+    picture = output / "validation_curves.png"
+    plot = f"![validation curves]({os.path.relpath(picture, path.parent)})" if picture.is_file() else ""
+    head, rest = text.split(BEGIN, 1)
+    tail = rest.split(END, 1)[1]
+    path.write_text(f"{head}{BEGIN}\n{body.strip()}\n\n{plot}\n{END}{tail}")
 
 
 if __name__ == "__main__":
