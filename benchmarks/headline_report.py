@@ -44,23 +44,67 @@ def markdown(results: dict) -> str:
         "",
         f"## Speed (batch 1, first {settings['speed_limit']} prompts of each set)",
         "",
-        "Speedup = Jacobi tokens/s over the fastest greedy AR (HF `generate`, KV cache) of the same model.",
+        "Speedup = the decoder's tokens/s over the fastest greedy AR (HF `generate`, KV cache) of the same model.",
         "",
-        "| prompts | model | n | accepted tok/step | Jacobi tok/s | fastest AR tok/s (dtype) | speedup | = AR |",
-        "|---|---|---|---|---|---|---|---|",
+        "| prompts | model | decoder | n | accepted tok/step | decoder tok/s | fastest AR tok/s (dtype) | speedup"
+        " | = AR |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for set_name in sets:
         for model in ("base", "cllm"):
             speed_entry = results["models"][model][set_name]["speed"]
             fastest = speed_entry["fastest_ar_dtype"]
-            for n, jacobi in speed_entry["jacobi"].items():
+            for decoder, n, timed in decoder_rows(speed_entry):
                 lines.append(
-                    f"| {set_name} | {model} | {n} | {jacobi['accepted_tokens_per_step']:.3f} | "
-                    f"{jacobi['tokens_per_s']:.1f} ({jacobi['dtype']}) | "
+                    f"| {set_name} | {model} | {decoder} | {n} | {timed['accepted_tokens_per_step']:.3f} | "
+                    f"{timed['tokens_per_s']:.1f} ({timed['dtype']}) | "
                     f"{speed_entry['ar'][fastest]['tokens_per_s']:.1f} ({fastest}) | "
-                    f"{jacobi['speedup_vs_fastest_ar']:.2f}x | {jacobi['ar_agreement']:.0%} |"
+                    f"{timed['speedup_vs_fastest_ar']:.2f}x | {timed['ar_agreement']:.0%} |"
                 )
     return "\n".join(lines) + "\n"
+
+
+def decoder_rows(speed_entry: dict) -> list[tuple[str, str, dict]]:
+    """(decoder, n, figures) for every timed decoder and n; reports from before `decoders` hold only `jacobi`."""
+    decoders = speed_entry.get("decoders") or {"jacobi": speed_entry["jacobi"]}
+    return [(decoder, n, timed) for decoder, by_n in decoders.items() for n, timed in by_n.items()]
+
+
+def best_decoder(speed_entry: dict) -> tuple[str, str, dict]:
+    """The (decoder, n, figures) with the highest tokens/s."""
+    return max(decoder_rows(speed_entry), key=lambda row: row[2]["tokens_per_s"])
+
+
+def summary(results: dict, output: Path) -> str:
+    """The side-by-side printed at the end of a run: base vs trained, per set, with the report's paths."""
+    settings = results["settings"]
+    lines = [f"== {results['title']}", f"   {results['machine']}; total {results['timings'].get('total', 0):.0f} s"]
+    for set_name in results["sets"]:
+        base, cllm = (results["models"][m][set_name] for m in ("base", "cllm"))
+        lines += [
+            f"-- {set_name} ({cllm['num_prompts']} prompts, n={settings.get('n', 16)}):   base  ->  trained",
+            f"   accepted tokens/step (Jacobi)   {base['accepted_tokens_per_step']:.3f} -> "
+            f"{cllm['accepted_tokens_per_step']:.3f}",
+        ]
+        for key in cllm["quality"]:
+            lines.append(f"   {key:<31} {base['quality'][key]:.3f} -> {cllm['quality'][key]:.3f}")
+        lines.append(f"   {'degenerate rate':<31} {base['degenerate_rate']:.3f} -> {cllm['degenerate_rate']:.3f}")
+        if "speed" in cllm:
+            for label, entry in (("base", base), ("trained", cllm)):
+                decoder, n, timed = best_decoder(entry["speed"])
+                fastest = entry["speed"]["fastest_ar_dtype"]
+                ar = entry["speed"]["ar"][fastest]["tokens_per_s"]
+                lines.append(
+                    f"   {label}: best decoder {decoder} (n={n}) {timed['tokens_per_s']:.1f} tok/s vs fastest AR "
+                    f"{ar:.1f} tok/s ({fastest}): {timed['speedup_vs_fastest_ar']:.2f}x, "
+                    f"{timed['accepted_tokens_per_step']:.2f} tokens/step, = AR {timed['ar_agreement']:.0%}"
+                )
+    if results["validation_curve"]:
+        curve = ", ".join(f"step {step} {value:.3f}" for step, value in results["validation_curve"])
+        lines.append(f"   validation accepted tokens/step (held-out prompts, Jacobi): {curve}")
+    lines += [f"   report: {output / 'results.md'}"]
+    lines += [f"   plot:   {output / name}" for name in results.get("plots", [])]
+    return "\n".join(lines)
 
 
 def has_speed(results: dict) -> bool:
@@ -85,17 +129,18 @@ def plots(results: dict, output: Path) -> list[str]:
     figure.savefig(output / "accepted_tokens_hist.png", dpi=100)
     made.append("accepted_tokens_hist.png")
     if has_speed(results):
-        first = results["models"]["base"][next(iter(sets))]["speed"]["jacobi"]
-        trained = str(results["settings"].get("n", 16))
-        n = trained if trained in first else next(iter(first))
+        # the trained model's best decoder (highest tokens/s on the first set), for both models
+        decoder, n, _ = best_decoder(results["models"]["cllm"][next(iter(sets))]["speed"])
         figure, axis = plt.subplots(figsize=(6, 4))
         for model in ("base", "cllm"):
             values = []
             for set_name in sets:
-                values += results["models"][model][set_name]["speed"]["jacobi"][n]["per_prompt_speedup"]
+                speed_entry = results["models"][model][set_name]["speed"]
+                by_decoder = speed_entry.get("decoders") or {"jacobi": speed_entry["jacobi"]}
+                values += by_decoder[decoder][n]["per_prompt_speedup"]
             axis.plot(range(len(values)), values, "o", label=model)
         axis.axhline(1.0, color="gray", lw=0.8)
-        axis.set(title=f"Jacobi speedup per prompt vs fastest greedy AR (n={n})", xlabel="prompt", ylabel="speedup")
+        axis.set(title=f"{decoder} speedup per prompt vs fastest greedy AR (n={n})", xlabel="prompt", ylabel="speedup")
         axis.legend()
         figure.tight_layout()
         figure.savefig(output / "speedup_per_prompt.png", dpi=100)

@@ -55,11 +55,19 @@ def _timed(function, *args, **kwargs):
     return value, time.perf_counter() - start
 
 
-def speed(models: dict, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, n_values: list[int]) -> dict:
-    """Per prompt, batch 1: greedy AR in every dtype (the fastest is the baseline) and Jacobi for each n, in the
-    fastest AR dtype (where this machine's passes are cheapest)."""
+def speed(
+    models: dict,
+    tokenizer,
+    prompt_ids: list[list[int]],
+    max_new_tokens: int,
+    n_values: list[int],
+    decoders: tuple[str, ...] = ("jacobi",),
+) -> dict:
+    """Per prompt, batch 1: greedy AR in every dtype (the fastest is the baseline) and each decoder (default options,
+    see docs/decoding.md) for each n, in the fastest AR dtype (where this machine's passes are cheapest).
+    `result["decoders"][name][n]`; `result["jacobi"]` is `result["decoders"]["jacobi"]` when it was timed."""
     eos, pad = eos_ids(next(iter(models.values())), tokenizer), tokenizer.pad_token_id
-    result: dict = {"ar": {}, "jacobi": {}}
+    result: dict = {"ar": {}, "decoders": {name: {} for name in decoders}}
     for dtype, model in models.items():
         greedy_ar(model, prompt_ids[:1], max_new_tokens=4, eos=eos, pad_token_id=pad)  # warm-up
         runs = [
@@ -73,13 +81,13 @@ def speed(models: dict, tokenizer, prompt_ids: list[list[int]], max_new_tokens: 
         }
     fastest = max(result["ar"], key=lambda d: result["ar"][d]["tokens_per_s"])
     model, ar = models[fastest], result["ar"][fastest]
-    for n in n_values:
-        kwargs = {"n": n, "max_new_tokens": max_new_tokens, "eos_token_id": eos, "pad_token_id": pad}
+    for name, n in ((name, n) for name in decoders for n in n_values):
+        kwargs = {"n": n, "max_new_tokens": max_new_tokens, "eos_token_id": eos, "pad_token_id": pad, "decoder": name}
         decode_batched(model, prompt_ids[:1], batch_size=1, **{**kwargs, "max_new_tokens": 4})  # warm-up
         runs = [_timed(decode_batched, model, [p], batch_size=1, **kwargs) for p in prompt_ids]
         tokens, seconds = [len(r.tokens[0]) for r, _ in runs], [s for _, s in runs]
         per_prompt = [t / s for t, s in zip(tokens, seconds)]
-        result["jacobi"][str(n)] = {
+        result["decoders"][name][str(n)] = {
             "dtype": fastest,
             "accepted_tokens_per_step": sum(r.accepted_tokens_per_step[0] for r, _ in runs) / len(runs),
             "per_prompt_accepted_tokens_per_step": [r.accepted_tokens_per_step[0] for r, _ in runs],
@@ -89,6 +97,8 @@ def speed(models: dict, tokenizer, prompt_ids: list[list[int]], max_new_tokens: 
             "ar_agreement": sum(r.tokens[0] == a for (r, _), a in zip(runs, ar["outputs"])) / len(runs),
         }
     result["fastest_ar_dtype"] = fastest
+    if "jacobi" in result["decoders"]:
+        result["jacobi"] = result["decoders"]["jacobi"]
     for entry in result["ar"].values():
         entry.pop("outputs")
     return result
@@ -105,10 +115,12 @@ def evaluate_model(
     dtypes: tuple[str, ...] = ("float32",),
     batch_size: int = 16,
     unsafe_exec: bool = False,
+    decoders: tuple[str, ...] = ("jacobi",),
 ) -> dict:
     """Per prompt set: acceptance at block size `n` (one batched Jacobi run; Jacobi is lossless, so its outputs are
     the model's greedy outputs and the quality figures come from the same run), degenerate rate, quality, and with
-    `speed_limit` > 0 the batch-1 speed of the first `speed_limit` prompts (`speed`, at every n in `n_values`)."""
+    `speed_limit` > 0 the batch-1 speed of the first `speed_limit` prompts (`speed`: each of `decoders` at every n
+    in `n_values`)."""
     models = {}
     for dtype in dtypes:
         models[dtype], tokenizer = load_model(spec, dtype=dtype)
@@ -134,7 +146,7 @@ def evaluate_model(
             "outputs": outputs,
         }
         if speed_limit > 0:
-            entry["speed"] = speed(models, tokenizer, ids[:speed_limit], max_new_tokens, n_values or [n])
+            entry["speed"] = speed(models, tokenizer, ids[:speed_limit], max_new_tokens, n_values or [n], decoders)
         texts = [tokenizer.decode(o, skip_special_tokens=True) for o in outputs]
         entry["quality"] = quality(name, prompts, texts, unsafe_exec)
         report[name] = entry
