@@ -85,8 +85,29 @@ def test_markdown_reports_every_set_and_model(headline):
     results = fake_results()
     text = headline.markdown(results)
     assert "| json-extract | base | 2 | 1.100 | exact 0.500 | 0.000 | 0.500 |" in text  # 1 of 2 at max_new_tokens
-    assert "| json-extract | cllm | 16 | 1.400 | 5.0 (float32) | 10.0 (float32) | 0.50x | 100% |" in text
+    assert "| json-extract | cllm | jacobi | 16 | 1.400 | 5.0 (float32) | 10.0 (float32) | 0.50x | 100% |" in text
     json.dumps(results)  # the report is plain JSON
+
+
+def test_summary_sets_base_beside_trained_and_names_the_fastest_decoder(headline, tmp_path):
+    results = fake_results()
+    speed = results["models"]["cllm"]["json-extract"]["speed"]
+    recycle = {**speed["jacobi"]["16"], "tokens_per_s": 12.0, "speedup_vs_fastest_ar": 1.2}
+    speed["decoders"] = {"jacobi": speed["jacobi"], "recycle": {"16": recycle}}
+    results["plots"] = ["validation_curve.png"]
+    text = headline.summary(results, tmp_path)
+    assert "accepted tokens/step (Jacobi)   1.100 -> 1.400" in text and "exact" in text and "degenerate" in text
+    assert "trained: best decoder recycle (n=16) 12.0 tok/s vs fastest AR 10.0 tok/s (float32): 1.20x" in text
+    assert "base: best decoder jacobi (n=16) 5.0 tok/s" in text  # a report from before `decoders`
+    assert f"plot:   {tmp_path / 'validation_curve.png'}" in text and "step 8 1.400" in text
+    assert "| json-extract | cllm | recycle | 16 |" in headline.markdown(results)
+
+
+def test_ar_dtypes_resolve_auto_and_drop_duplicates(headline):
+    from cllm.hardware import auto_dtype
+
+    assert headline.ar_dtypes(["float32", "float32", "bfloat16"]) == ["float32", "bfloat16"]
+    assert headline.ar_dtypes(["auto", "float32"]) == list(dict.fromkeys([auto_dtype("cpu").name, "float32"]))
 
 
 def test_report_without_timing_and_re_rendered_from_its_json(headline, tmp_path, monkeypatch):
@@ -134,6 +155,35 @@ def test_quick_profile_fit_runs_past_an_epoch(headline, suite, tmp_path, monkeyp
     with open(next((tmp_path / "runs").rglob("metrics.csv"))) as handle:
         validated = [int(row["step"]) for row in csv.DictReader(handle) if row.get("val/accepted_tokens_per_step")]
     assert validated[-1] == 7  # the validation after the 8th step (0-based step 7)
+
+
+def test_demo_profile_runs_its_overrides_on_the_tiny_model(headline, tmp_path, monkeypatch):
+    """`make demo`'s profile: its overlays (Jacobi Forcing rows), validation counted in steps across epochs and the
+    max_time cap parse and run (tiny model, 3 prompts of 8 tokens; 6 steps, a validation every 3, instead of the
+    profile's 120 / 40, which takes minutes on a busy CPU even for the tiny model)."""
+    import yaml
+
+    from cllm.cli import main
+    from cllm.decoders import DECODERS
+
+    monkeypatch.chdir(tmp_path)
+    settings, overlay = headline.load_profile("json", "demo")
+    assert set(settings["decoders"]) <= set(DECODERS) and "ablations/jacobi_forcing.yaml" in settings["overlays"]
+    trainer = overlay["trainer"]
+    assert trainer["max_time"] and trainer["max_steps"] % trainer["val_check_interval"] == 0
+    (tmp_path / "profile.yaml").write_text(yaml.safe_dump(overlay))
+    overlays = [f"--config={overlay}" for overlay in [*settings["overlays"], "profile.yaml"]]
+    shrink = ["--data.init_args.prompt_limit=3", "--data.init_args.max_new_tokens=8", "--data.init_args.path=data"]
+    steps, interval = 6, 3
+    shrink += ["--data.init_args.val_prompt_limit=2", f"--trainer.max_steps={steps}"]
+    main(["fit", "--config", "tiny.yaml", *overlays, *shrink, f"--trainer.val_check_interval={interval}"])
+    assert len(list((tmp_path / "runs").rglob(f"*step={steps}.ckpt"))) == 1
+    with open(next((tmp_path / "runs").rglob("metrics.csv"))) as handle:
+        rows = list(csv.DictReader(handle))
+    validated = [int(row["step"]) for row in rows if row.get("val/accepted_tokens_per_step")]
+    assert validated == [0, *range(interval - 1, steps, interval)]  # the base model first, then every interval
+    saved = yaml.safe_load(next((tmp_path / "runs").rglob("config.yaml")).read_text())
+    assert saved["data"]["init_args"]["state_strategy"] == "jacobi_forcing" and saved["trainer"]["max_time"]
 
 
 @pytest.mark.slow  # resolves the fit config in a subprocess
