@@ -193,19 +193,19 @@ def test_eval_prompts_scores_base_and_cllm_on_any_prompt_file(headline, tmp_path
     from cllm.models import load_model
 
     prompts = tmp_path / "mine.jsonl"
-    prompts.write_text("".join(json.dumps({"id": f"q{i}", "prompt": f"def f{i}(x):"}) + "\n" for i in range(3)))
+    prompts.write_text("".join(json.dumps({"id": f"q{i}", "prompt": f"def f{i}(x):"}) + "\n" for i in range(2)))
     work, output = tmp_path / "work", tmp_path / "out"
     model, tokenizer = load_model("tiny:seed=3")  # stands in for the exported CLLM
-    model.save_pretrained(work / "broad-full" / "cllm-model")
-    tokenizer.save_pretrained(work / "broad-full" / "cllm-model")
-    argv = ["--config", "tiny.yaml", "--skip-fit", "--eval-prompts", str(prompts), "--speed-limit", "1"]
+    model.save_pretrained(work / "broad-quick" / "cllm-model")
+    tokenizer.save_pretrained(work / "broad-quick" / "cllm-model")
+    argv = ["--config", "tiny.yaml", "--quick", "--skip-fit", "--eval-prompts", str(prompts), "--speed-limit", "1"]
     headline.main([*argv, "--work-dir", str(work), "--output", str(output)])
     results = json.loads((output / "results.json").read_text())
     assert results["sets"] == {"mine": str(prompts)} and results["settings"]["base_model"] == "tiny"
     assert results["settings"]["n"] == 4
     for name in ("base", "cllm"):
         entry = results["models"][name]["mine"]
-        assert entry["num_prompts"] == 3 and entry["accepted_tokens_per_step"] >= 1.0
-        assert set(entry["speed"]["jacobi"]) == {"8", "16", "32"} and entry["quality"] == {}
+        assert entry["num_prompts"] == 2 and entry["accepted_tokens_per_step"] >= 1.0
+        assert set(entry["speed"]["jacobi"]) == {"4"} and entry["quality"] == {}  # the quick profile times n only
     assert 0.0 <= results["models"]["cllm"]["mine"]["exact_match_vs_base"] <= 1.0
-    assert "| mine | cllm | 3 |" in (output / "results.md").read_text()
+    assert "| mine | cllm | 2 |" in (output / "results.md").read_text()
