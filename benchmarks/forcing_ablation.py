@@ -124,7 +124,7 @@ def gains(results: dict) -> dict:
     """Per variant and validation step: tokens per step minus the base's; and on the test split."""
     base_val = dict(results["variants"][next(iter(results["variants"]))]["curves"][CURVES[0]]).get(0)
     table = {}
-    test_base = results["test"]["base"]["accepted_tokens_per_step"]
+    test_base = results["test"]["base"]["accepted_tokens_per_step"] if results["test"] else None
     for name, entry in results["variants"].items():
         curve = dict(entry["curves"][CURVES[0]])
         table[name] = {
@@ -177,6 +177,8 @@ def markdown(results: dict) -> str:
                 ratio = f"{forcing / pack:.2f}x" if pack > 0 else "-"
                 lines.append(f"| {step} | {pack:+.3f} | {forcing:+.3f} | {ratio} |")
     test = results["test"]
+    if not test:
+        return "\n".join(lines + ["", "Test split: not decoded in this report (`--skip-test`)."]) + "\n"
     lines += [
         "",
         f"## Test split ({results['test_set']}, {test['base']['num_prompts']} prompts, n = 16, "
@@ -234,6 +236,7 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=None, help="default: docs/results/forcing-ablation-DOMAIN")
     parser.add_argument("--report-only", action="store_true", help="re-render from --output's results.json")
     parser.add_argument("--fit-only", action="store_true", help="train and export the variants, no report")
+    parser.add_argument("--skip-test", action="store_true", help="report the validation curves only (no decoding)")
     parser.add_argument(
         "--headline", type=Path, help="also put the tables between the forcing-ablation markers of this markdown file"
     )
@@ -253,16 +256,18 @@ def main() -> None:
             return
         start = time.perf_counter()
         domain = DOMAINS[args.domain]
-        prompts = {domain["set"]: load_prompts(domain["test"], limit=args.test_limit)}
-        evaluation = {"n": 16, "max_new_tokens": args.max_new_tokens}
-        base = cached_evaluate(args.base, work / "base", prompts, evaluation)
-        test = {"base": base[domain["set"]]}
-        for name, folder in models.items():
-            report = cached_evaluate(str(folder), work / name, prompts, evaluation)
-            compare_with_base(base, report)
-            test[name] = report[domain["set"]]
-        for entry in test.values():
-            entry["output_lengths"] = [len(o) for o in entry.pop("outputs")]
+        test = {}
+        if not args.skip_test:
+            prompts = {domain["set"]: load_prompts(domain["test"], limit=args.test_limit)}
+            evaluation = {"n": 16, "max_new_tokens": args.max_new_tokens}
+            base = cached_evaluate(args.base, work / "base", prompts, evaluation)
+            test = {"base": base[domain["set"]]}
+            for name, folder in models.items():
+                report = cached_evaluate(str(folder), work / name, prompts, evaluation)
+                compare_with_base(base, report)
+                test[name] = report[domain["set"]]
+            for entry in test.values():
+                entry["output_lengths"] = [len(o) for o in entry.pop("outputs")]
         timings["test"] = time.perf_counter() - start
         results = {
             "domain": args.domain,
