@@ -1,6 +1,6 @@
 """Reliability probe: fault, bad-input and security cases on tiny models, tried as a user would; writes the table.
 
-    python scripts/reliability_probe.py                     # every case -> docs/reliability.md + .json
+    python scripts/reliability_probe.py                     # every case -> docs/reliability.md + results JSON
     python scripts/reliability_probe.py --only export,sandbox  # cases whose name contains a word
 
 Each case prepares files in a fresh folder, runs the command a user would (`python -m cllm ...` in a subprocess,
@@ -583,6 +583,15 @@ def _(work):
 # -- the report ---------------------------------------------------------------------------------------------------
 
 
+def cpu_flags() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "CPU flags unknown"
+    flags = sorted({flag for flag in ("avx2", "avx512_bf16", "amx_bf16") if f" {flag}" in text})
+    return f"{os.cpu_count()} CPUs, flags {' '.join(flags) or 'none of avx2/avx512_bf16/amx_bf16'}"
+
+
 def markdown(rows: list[dict], command: str) -> str:
     passed = sum(row["ok"] for row in rows)
     lines = [
@@ -595,7 +604,7 @@ def markdown(rows: list[dict], command: str) -> str:
         "issue #15 the case comes from (`-`: a case the first probe already passed). Paths: `WORK` is the case's",
         "folder.",
         "",
-        f"**{passed} of {len(rows)} cases as expected.**",
+        f"**{passed} of {len(rows)} cases as expected.** Machine: {cpu_flags()}; timings are wall seconds per case.",
         "",
         "| item | case | command | exit | what the user sees | status |",
         "|---|---|---|---|---|---|",
@@ -635,8 +644,9 @@ def main() -> None:
     if not words:
         command = "python scripts/reliability_probe.py"
         args.output.write_text(markdown(rows, command))
-        args.output.with_suffix(".json").write_text(json.dumps(rows, indent=2) + "\n")
-        print(f"wrote {args.output} and {args.output.with_suffix('.json')}")
+        data = ROOT / "docs" / "results" / "reliability.json"
+        data.write_text(json.dumps(rows, indent=2) + "\n")
+        print(f"wrote {args.output} and {data}")
 
 
 if __name__ == "__main__":
