@@ -118,3 +118,12 @@ def test_memory_and_time_limits():
     assert run_sandboxed("x = bytearray(3 << 30)", timeout=5.0) is False
     assert run_sandboxed("while True: pass", timeout=1.0) is False
     assert run_sandboxed("print('ok')", timeout=5.0) is True
+
+
+def test_an_interpreter_under_tmp_stays_visible_over_the_private_tmp():
+    """A venv in a temporary clone (/tmp/...) is bound read-only over the sandbox's empty /tmp, after it."""
+    command = evaluation.bwrap_command("/tmp/clone/.venv/bin/python")
+    tmpfs = command.index("/tmp")
+    rebind = command.index("/tmp/clone/.venv/bin")
+    assert command[rebind - 1] == "--ro-bind" and rebind > tmpfs
+    assert "/tmp" not in evaluation.interpreter_under_tmp("/usr/bin/python3")

@@ -47,14 +47,22 @@ def humaneval_program(problem: dict, answer: str) -> str:
     return "\n".join([problem["prompt"], extract_code(answer), problem["test"], f"check({problem['entry_point']})", ""])
 
 
+def interpreter_under_tmp(python: str = sys.executable) -> list[str]:
+    """The interpreter's folders that lie under /tmp (a venv in a temporary clone): the private /tmp would hide them."""
+    folders = {sys.prefix, sys.base_prefix, os.path.dirname(os.path.realpath(python)), os.path.dirname(python)}
+    return sorted(f for f in map(os.path.realpath, folders) if f.startswith("/tmp/"))
+
+
 def bwrap_command(python: str = sys.executable) -> list[str]:
     """The bubblewrap prefix that runs `python -I -` in the sandbox (the program comes on stdin)."""
+    rebinds = [arg for folder in interpreter_under_tmp(python) for arg in ("--ro-bind", folder, folder)]
     return [
         "bwrap",
         "--ro-bind", "/", "/",
         "--dev", "/dev",
         "--proc", "/proc",
         "--size", str(TMP_SIZE), "--tmpfs", "/tmp",
+        *rebinds,  # read-only, over the private /tmp
         "--unshare-all",  # network, pid, ipc, uts, cgroup: the network namespace has only a downed loopback
         "--unshare-user", "--uid", NOBODY, "--gid", NOBODY,
         "--die-with-parent",
