@@ -175,6 +175,7 @@ def main(argv: list[str] | None = None) -> None:
         "dtypes": tuple(dtypes),
         "unsafe_exec": args.unsafe_exec,
         "decoders": tuple(profile.get("decoders") or ["jacobi"]),
+        "repeats": profile.get("repeats", 1),
     }
     models = {
         key: evaluate_model(spec, prompt_sets, **evaluation)

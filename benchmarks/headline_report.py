@@ -6,6 +6,8 @@ from pathlib import Path
 
 from plotting import pyplot
 
+from cllm.hardware import OtherLoad
+
 
 def markdown(results: dict) -> str:
     settings, sets = results["settings"], results["sets"]
@@ -45,6 +47,7 @@ def markdown(results: dict) -> str:
         f"## Speed (batch 1, first {settings['speed_limit']} prompts of each set)",
         "",
         "Speedup = the decoder's tokens/s over the fastest greedy AR (HF `generate`, KV cache) of the same model.",
+        *load_lines(results),
         "",
         "| prompts | model | decoder | n | accepted tok/step | decoder tok/s | fastest AR tok/s (dtype) | speedup"
         " | = AR |",
@@ -62,6 +65,24 @@ def markdown(results: dict) -> str:
                     f"{timed['speedup_vs_fastest_ar']:.2f}x | {timed['ar_agreement']:.0%} |"
                 )
     return "\n".join(lines) + "\n"
+
+
+def other_loads(results: dict) -> list[float]:
+    """The CPU share other processes used during each timed section (`cllm.hardware.OtherLoad`), where recorded."""
+    entries = (entry["speed"] for model in results["models"].values() for entry in model.values() if "speed" in entry)
+    return [share for entry in entries if (share := entry.get("other_cpu_share")) is not None]
+
+
+def load_lines(results: dict) -> list[str]:
+    shares = other_loads(results)
+    if not shares:
+        return []
+    line = f"Other processes used {max(shares):.0%} of the CPU at most while a section was timed"
+    repeats = next(iter(results["models"]["cllm"].values()))["speed"].get("repeats", 1)
+    line += f"; each prompt's time is the fastest of {repeats} runs." if repeats > 1 else "."
+    if max(shares) > OtherLoad.BUSY_SHARE:
+        line += " **The machine was shared: these timings are not its speed** (rerun it alone)."
+    return ["", line]
 
 
 def decoder_rows(speed_entry: dict) -> list[tuple[str, str, dict]]:
@@ -99,6 +120,9 @@ def summary(results: dict, output: Path) -> str:
                     f"{ar:.1f} tok/s ({fastest}): {timed['speedup_vs_fastest_ar']:.2f}x, "
                     f"{timed['accepted_tokens_per_step']:.2f} tokens/step, = AR {timed['ar_agreement']:.0%}"
                 )
+    shares = other_loads(results)
+    if shares and max(shares) > OtherLoad.BUSY_SHARE:
+        lines.append(f"   WARNING: other processes used up to {max(shares):.0%} of the CPU while timing: rerun alone")
     if results["validation_curve"]:
         curve = ", ".join(f"step {step} {value:.3f}" for step, value in results["validation_curve"])
         lines.append(f"   validation accepted tokens/step (held-out prompts, Jacobi): {curve}")

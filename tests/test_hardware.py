@@ -125,3 +125,32 @@ def test_fit_precision_on_a_faked_gpu(monkeypatch):
     config = cli_config(accelerator="gpu")
     match_precision(config)
     assert config.trainer.precision == "16-mixed"
+
+
+def write_stat(folder, total_busy, total_idle, own_ticks):
+    """A /proc/stat line (user nice system idle iowait ...) and a /proc/self/stat with utime + stime = own_ticks."""
+    (folder / "stat").write_text(f"cpu  {total_busy} 0 0 {total_idle} 0 0 0 0 0 0\ncpu0 1 2 3 4\n")
+    fields = ["S"] + ["0"] * 10 + [str(own_ticks), "0"] + ["0"] * 30
+    (folder / "self").write_text("1234 (py thon) " + " ".join(fields) + "\n")
+
+
+def test_other_load_is_the_busy_time_not_ours(tmp_path):
+    load = hardware.OtherLoad(tmp_path / "stat", tmp_path / "self")
+    write_stat(tmp_path, total_busy=100, total_idle=100, own_ticks=50)
+    with load:
+        # 200 ticks pass on the machine: 120 busy, of which 60 are ours, so others used 60 / 200
+        write_stat(tmp_path, total_busy=220, total_idle=180, own_ticks=110)
+    assert load.share == pytest.approx(0.3)
+    assert load.busy
+
+
+def test_other_load_alone_and_unreadable(tmp_path):
+    load = hardware.OtherLoad(tmp_path / "stat", tmp_path / "self")
+    write_stat(tmp_path, total_busy=100, total_idle=100, own_ticks=50)
+    with load:
+        write_stat(tmp_path, total_busy=150, total_idle=250, own_ticks=100)  # every busy tick was ours
+    assert load.share == 0.0 and not load.busy
+    missing = hardware.OtherLoad(tmp_path / "nope", tmp_path / "self")
+    with missing:
+        pass
+    assert missing.share is None and not missing.busy

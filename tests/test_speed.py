@@ -39,3 +39,13 @@ def test_n_auto_maximises_tokens_per_step_over_pass_cost():
     n, table = choose_n(measure, [4, 16])
     assert n == 4
     assert [row["score"] for row in table] == pytest.approx([20.0, 10.0])
+
+
+def test_timed_keeps_the_fastest_of_its_repeats(monkeypatch):
+    from cllm import scoring
+
+    clock = iter([0.0, 5.0, 10.0, 11.0, 20.0, 23.0])  # runs of 5 s, 1 s and 3 s
+    monkeypatch.setattr(scoring.time, "perf_counter", lambda: next(clock))
+    calls = []
+    value, seconds = scoring._timed(lambda x: calls.append(x) or len(calls), "x", repeats=3)
+    assert (value, seconds, len(calls)) == (2, 1.0, 3)

@@ -135,3 +135,41 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
         return float(_CUDA_FLOPS["h100 sxm"][dtype]) if dtype in _CUDA_FLOPS["h100 sxm"] else None
     found = get_available_flops(device, dtype)
     return float(found) if found else None
+
+
+class OtherLoad:
+    """The share of the machine's CPU time that *other* processes used while a block ran (Linux; None elsewhere).
+
+    A timing taken beside another busy process is not this machine's speed: with OpenMP threads spin-waiting on
+    2 cores one pass can take 10x its cost. Benchmarks record this figure beside their timings and warn above
+    `BUSY_SHARE`. `with OtherLoad() as load: ...; load.share` (0 = the machine was ours alone)."""
+
+    BUSY_SHARE = 0.1
+
+    def __init__(self, stat: Path = Path("/proc/stat"), own: Path = Path("/proc/self/stat")) -> None:
+        self.stat, self.own = stat, own
+        self.share: float | None = None
+
+    def _read(self) -> tuple[int, int, int] | None:
+        try:
+            fields = [int(v) for v in self.stat.read_text().splitlines()[0].split()[1:]]
+            mine = self.own.read_text().rsplit(")", 1)[1].split()
+        except (OSError, ValueError, IndexError):
+            return None
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        return sum(fields), sum(fields) - idle, int(mine[11]) + int(mine[12])  # total, busy, own utime + stime
+
+    def __enter__(self) -> OtherLoad:
+        self._start = self._read()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        end = self._read()
+        if self._start is None or end is None or end[0] <= self._start[0]:
+            return
+        total, busy, own = (b - a for a, b in zip(self._start, end))
+        self.share = max(busy - own, 0) / total
+
+    @property
+    def busy(self) -> bool:
+        return self.share is not None and self.share > self.BUSY_SHARE
