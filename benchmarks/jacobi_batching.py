@@ -8,6 +8,7 @@ Prints a table (tokens/s per dtype and batch size, and the ratio to batch 1 of t
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -16,7 +17,7 @@ from decoding_args import decoding_parser
 from cllm.bench import timed_jacobi
 from cllm.data_modules.prompts import encode_prompts, load_prompts
 from cllm.files import write_json
-from cllm.jacobi import jacobi_generate
+from cllm.jacobi import DecodeOptions, jacobi_generate
 from cllm.models import eos_ids, load_model
 
 
@@ -30,15 +31,15 @@ def main() -> None:
     for dtype in args.dtypes:
         model, tokenizer = load_model(args.model, dtype=dtype)
         prompt_ids = encode_prompts(tokenizer, prompts)
-        kwargs = {
-            "n": args.n,
-            "max_new_tokens": args.max_new_tokens,
-            "eos_token_id": eos_ids(model, tokenizer),
-            "pad_token_id": tokenizer.pad_token_id,
-        }
-        jacobi_generate(model, prompt_ids[:2], **{**kwargs, "max_new_tokens": 4})  # warm-up
+        options = DecodeOptions(
+            n=args.n,
+            max_new_tokens=args.max_new_tokens,
+            eos_token_id=eos_ids(model, tokenizer),
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        jacobi_generate(model, prompt_ids[:2], replace(options, max_new_tokens=4))  # warm-up
         for batch_size in args.batch_sizes:
-            result, seconds = timed_jacobi(model, prompt_ids, batch_size, **kwargs)
+            result, seconds = timed_jacobi(model, prompt_ids, batch_size, options)
             tokens = sum(map(len, result.tokens))
             rows.append(
                 {

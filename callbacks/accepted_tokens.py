@@ -46,9 +46,11 @@ def decode_shard(
     world_size: int,
     batch_size: int,
     all_done=None,
-    **jacobi_kwargs,
+    **decode_kwargs,
 ) -> Decoded:
     """Jacobi-decode this rank's shard `prompt_ids[rank::world_size]` in batches.
+
+    `decode_kwargs` go to `cllm.decoders.decode_batched` (decoder, decoder_options, and `DecodeOptions` fields).
 
     Every rank walks the same number of batches (padded with empty ones) and, through `all_done`, makes the same
     number of forward passes per batch, so FSDP's per-layer all-gathers line up across ranks.
@@ -62,7 +64,7 @@ def decode_shard(
         batch_size=batch_size,
         min_batches=math.ceil(per_rank / batch_size),
         all_done=all_done,
-        **jacobi_kwargs,
+        **decode_kwargs,
     )
     return Decoded(indices, result.tokens, result.accepted_tokens_per_step, time.perf_counter() - start)
 
@@ -205,7 +207,7 @@ class AcceptedTokensCallback(Callback):
                 else None,
                 n=self.block_size(pl_module),
                 decoder=self.decoder,
-                options=self.decoder_options,
+                decoder_options=self.decoder_options,
                 max_new_tokens=self.max_new_tokens,
                 eos_token_id=eos_ids(pl_module.model, tokenizer),
                 pad_token_id=tokenizer.pad_token_id or 0,

@@ -8,7 +8,7 @@ from fake_trajectories import FakeTrajectoryData
 from lightning.pytorch.loggers import Logger
 
 from cllm.callbacks.accepted_tokens import AcceptedTokensCallback, Decoded, decode_shard
-from cllm.jacobi import jacobi_generate
+from cllm.jacobi import DecodeOptions, jacobi_generate
 from cllm.module import CLLMModule
 from cllm.scoring import common_prefix_fraction, has_repeated_run
 
@@ -31,7 +31,7 @@ def test_decode_shard_matches_jacobi_generate(tiny_float64):
     prompts = [[1, 40, 41], [1, 50], [1, 60, 61, 62]]
     kwargs = dict(n=4, max_new_tokens=12, eos_token_id=2, pad_token_id=0)
     decoded = decode_shard(model, prompts, rank=0, world_size=1, batch_size=2, **kwargs)
-    direct = jacobi_generate(model, prompts, **kwargs)
+    direct = jacobi_generate(model, prompts, DecodeOptions(**kwargs))
     assert decoded.indices == [0, 1, 2]
     assert decoded.tokens == direct.tokens
     assert decoded.accepted_tokens_per_step == direct.accepted_tokens_per_step

@@ -4,7 +4,7 @@ import pytest
 from test_jacobi import MAX_NEW_TOKENS, hf_greedy, random_prompts
 
 from cllm.compiled import static_greedy_ar, static_jacobi_generate
-from cllm.jacobi import jacobi_generate
+from cllm.jacobi import DecodeOptions, jacobi_generate
 
 
 @pytest.mark.parametrize("lengths", [(7,), (5, 12, 3, 9)], ids=["batch1", "batch4"])
@@ -20,9 +20,9 @@ def test_static_ar_equals_greedy_ar(tiny_float64, lengths):
 def test_static_jacobi_is_jacobi_pass_for_pass(tiny_float64, n, lengths):
     model, _ = tiny_float64
     prompts = random_prompts(lengths, seed=6)
-    kwargs = {"n": n, "max_new_tokens": MAX_NEW_TOKENS, "seed": 1}
-    ours = static_jacobi_generate(model, prompts, compile=False, **kwargs)
-    reference = jacobi_generate(model, prompts, **kwargs)
+    options = DecodeOptions(n=n, max_new_tokens=MAX_NEW_TOKENS, seed=1)
+    ours = static_jacobi_generate(model, prompts, options, compile=False)
+    reference = jacobi_generate(model, prompts, options)
     assert ours.tokens == reference.tokens
     assert ours.accepted_per_pass == reference.accepted_per_pass
 
@@ -33,8 +33,11 @@ def test_static_paths_stop_at_eos_per_row(tiny_float64):
     eos = hf_greedy(model, prompts[1], MAX_NEW_TOKENS)[9]
     expected = [hf_greedy(model, p, MAX_NEW_TOKENS, eos=eos) for p in prompts]
     assert static_greedy_ar(model, prompts, max_new_tokens=MAX_NEW_TOKENS, eos_token_id=eos, compile=False) == expected
-    result = static_jacobi_generate(model, prompts, n=4, max_new_tokens=MAX_NEW_TOKENS, eos_token_id=eos, compile=False)
+    options = DecodeOptions(n=4, max_new_tokens=MAX_NEW_TOKENS, eos_token_id=eos)
+    result = static_jacobi_generate(model, prompts, options, compile=False)
     assert result.tokens == expected
+    with pytest.raises(ValueError, match="lockstep"):  # one process only: no all_done hook
+        static_jacobi_generate(model, prompts, DecodeOptions(all_done=lambda done: done), compile=False)
 
 
 @pytest.mark.slow
@@ -44,7 +47,8 @@ def test_compiled_equals_eager(tiny_float64):
     expected = [hf_greedy(model, p, 20) for p in prompts]
     for _ in range(2):  # the second call reuses the compiled graph with a fresh cache
         assert static_greedy_ar(model, prompts, max_new_tokens=20, compile=True) == expected
-        compiled = static_jacobi_generate(model, prompts, n=4, max_new_tokens=20, compile=True)
-        eager = jacobi_generate(model, prompts, n=4, max_new_tokens=20)
+        options = DecodeOptions(n=4, max_new_tokens=20)
+        compiled = static_jacobi_generate(model, prompts, options, compile=True)
+        eager = jacobi_generate(model, prompts, options)
         assert compiled.tokens == expected
         assert compiled.accepted_per_pass == eager.accepted_per_pass

@@ -5,11 +5,12 @@ import torch
 from test_jacobi import MAX_NEW_TOKENS, hf_greedy, random_prompts
 
 from cllm.decoders import DECODERS, NGramPool, _pack, decode_batched, multiblock_generate
-from cllm.jacobi import jacobi_generate
+from cllm.jacobi import DecodeOptions, jacobi_generate
 from cllm.models import load_model
 
-OPTIONS = {"jacobi": {}, "multiblock": {"blocks": 3, "threshold": 0.25}, "recycle": {"candidates": 3}}
-OPTIONS["multiblock+recycle"] = {**OPTIONS["multiblock"], **OPTIONS["recycle"]}
+# each decoder's own settings, beyond DecodeOptions
+OWN = {"jacobi": {}, "multiblock": {"blocks": 3, "threshold": 0.25}, "recycle": {"candidates": 3}}
+OWN["multiblock+recycle"] = {**OWN["multiblock"], **OWN["recycle"]}
 _REFERENCES: dict = {}
 
 
@@ -40,9 +41,10 @@ def check_statistics(result, lengths, n_most):
 def test_every_decoder_equals_greedy_ar(seeded_model, decoder, n, lengths):
     model, seed = seeded_model
     prompts = random_prompts(lengths, seed)
-    result = DECODERS[decoder](model, prompts, n=n, max_new_tokens=MAX_NEW_TOKENS, seed=seed, **OPTIONS[decoder])
+    options = DecodeOptions(n=n, max_new_tokens=MAX_NEW_TOKENS, seed=seed)
+    result = DECODERS[decoder](model, prompts, options, **OWN[decoder])
     assert result.tokens == [reference(model, prompt, MAX_NEW_TOKENS) for prompt in prompts]
-    blocks = OPTIONS[decoder].get("blocks", 1)
+    blocks = OWN[decoder].get("blocks", 1)
     check_statistics(result, [MAX_NEW_TOKENS] * len(prompts), n * blocks)
 
 
@@ -55,16 +57,8 @@ def test_blocks_and_candidates_with_eos_inside_a_block(tiny_float64, blocks, can
     expected = [reference(model, p, MAX_NEW_TOKENS, eos=eos) for p in prompts]
     assert len({len(e) for e in expected}) > 1, "rows should finish at different times"
     for n in (4, 16):
-        result = multiblock_generate(
-            model,
-            prompts,
-            n=n,
-            blocks=blocks,
-            threshold=0.0,
-            candidates=candidates,
-            max_new_tokens=MAX_NEW_TOKENS,
-            eos_token_id=eos,
-        )
+        options = DecodeOptions(n=n, max_new_tokens=MAX_NEW_TOKENS, eos_token_id=eos)
+        result = multiblock_generate(model, prompts, options, blocks=blocks, threshold=0.0, candidates=candidates)
         assert result.tokens == expected
         check_statistics(result, [len(e) for e in expected], n * blocks)
         if blocks > 1:  # r = 0: the window grows to K blocks after the first pass
@@ -75,9 +69,9 @@ def test_blocks_and_candidates_with_eos_inside_a_block(tiny_float64, blocks, can
 def test_one_block_without_candidates_is_jacobi_pass_for_pass(tiny_float64, init):
     model, _ = tiny_float64
     prompts = random_prompts((8, 3, 5), seed=4)
-    kwargs = {"n": 4, "max_new_tokens": 23, "init": init, "seed": 3}
-    ours = multiblock_generate(model, prompts, blocks=1, candidates=0, **kwargs)
-    reference = jacobi_generate(model, prompts, **kwargs)
+    options = DecodeOptions(n=4, max_new_tokens=23, init=init, seed=3)
+    ours = multiblock_generate(model, prompts, options, blocks=1, candidates=0)
+    reference = jacobi_generate(model, prompts, options)
     assert ours.tokens == reference.tokens
     assert ours.accepted_per_pass == reference.accepted_per_pass
 
@@ -88,9 +82,8 @@ def test_a_planted_perfect_ngram_is_accepted_whole(tiny_float64, decoder):
     (prompt,) = random_prompts((5,), seed=3)
     n = 8
     continuation = hf_greedy(model, prompt, 2 * n)
-    result = DECODERS[decoder](
-        model, [prompt], n=n, max_new_tokens=2 * n, init="pad", ngrams=[continuation[:n]], candidates=1
-    )
+    options = DecodeOptions(n=n, max_new_tokens=2 * n, init="pad")
+    result = DECODERS[decoder](model, [prompt], options, ngrams=[continuation[:n]], candidates=1)
     assert result.tokens[0] == continuation
     assert result.accepted_per_pass[0][0] == n  # the whole n-gram in the first pass
     assert result.recycled_passes[0] >= 1
@@ -102,8 +95,9 @@ def test_repeated_text_is_recycled_from_the_prompt(tiny_float64):
     (seed_prompt,) = random_prompts((4,), seed=7)
     text = seed_prompt + hf_greedy(model, seed_prompt, 40)
     prompt, target = text[:30], text[30:]
-    plain = DECODERS["jacobi"](model, [prompt], n=4, max_new_tokens=10)
-    recycled = DECODERS["recycle"](model, [prompt], n=4, max_new_tokens=10, candidates=4)
+    options = DecodeOptions(n=4, max_new_tokens=10)
+    plain = DECODERS["jacobi"](model, [prompt], options)
+    recycled = DECODERS["recycle"](model, [prompt], options, candidates=4)
     assert recycled.tokens == plain.tokens == [target[:10]]
 
 
@@ -137,10 +131,10 @@ def test_segments_are_causal_alone_and_see_the_cache():
 def test_decode_batched_gives_each_decoder_its_own_options(tiny_float64):
     model, _ = tiny_float64
     prompts = random_prompts((4, 7, 5), seed=8)
-    options = {"blocks": 2, "threshold": 0.0, "candidates": 2, "pool_size": 4, "ngram": 3}
+    own = {"blocks": 2, "threshold": 0.0, "candidates": 2, "pool_size": 4, "ngram": 3}
     expected = [reference(model, p, 12) for p in prompts]
     for name in DECODERS:
-        merged = decode_batched(model, prompts, batch_size=2, decoder=name, options=options, n=4, max_new_tokens=12)
+        merged = decode_batched(model, prompts, batch_size=2, decoder=name, decoder_options=own, n=4, max_new_tokens=12)
         assert merged.tokens == expected
     with pytest.raises(ValueError, match="unknown decoder 'lookahead'"):
         decode_batched(model, prompts, batch_size=2, decoder="lookahead", n=4)

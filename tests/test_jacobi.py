@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from cllm.decoders import DECODERS, decode_batched
-from cllm.jacobi import accepted_lengths, jacobi_generate, jacobi_step
+from cllm.jacobi import DecodeOptions, accepted_lengths, jacobi_generate, jacobi_step
 from cllm.models import eos_ids, load_model
 
 MAX_NEW_TOKENS = 37  # deliberately not a multiple of any block size
@@ -33,7 +33,7 @@ def seeded_model(request):
 def test_jacobi_equals_greedy_ar(seeded_model, n, lengths):
     model, seed = seeded_model
     prompts = random_prompts(lengths, seed)
-    result = jacobi_generate(model, prompts, n=n, max_new_tokens=MAX_NEW_TOKENS, seed=seed)
+    result = jacobi_generate(model, prompts, DecodeOptions(n=n, max_new_tokens=MAX_NEW_TOKENS, seed=seed))
     for row, prompt in enumerate(prompts):
         assert result.tokens[row] == hf_greedy(model, prompt, MAX_NEW_TOKENS)
         assert sum(result.accepted_per_pass[row]) == len(result.tokens[row]) == MAX_NEW_TOKENS
@@ -51,7 +51,7 @@ def test_eos_inside_a_block_and_rows_finishing_at_different_times(tiny_float64):
     assert len(expected[1]) <= 10 and expected[1][-1] == eos
     assert len({len(e) for e in expected}) > 1, "rows should finish at different times"
     for n in (4, 16):
-        result = jacobi_generate(model, prompts, n=n, max_new_tokens=MAX_NEW_TOKENS, eos_token_id=eos)
+        result = jacobi_generate(model, prompts, DecodeOptions(n=n, max_new_tokens=MAX_NEW_TOKENS, eos_token_id=eos))
         assert result.tokens == expected
         assert [sum(a) for a in result.accepted_per_pass] == [len(e) for e in expected]
 
@@ -60,7 +60,7 @@ def test_eos_inside_a_block_and_rows_finishing_at_different_times(tiny_float64):
 def test_output_does_not_depend_on_the_initial_guess(tiny_float64, init):
     model, _ = tiny_float64
     prompts = random_prompts((8, 3), seed=9)
-    result = jacobi_generate(model, prompts, n=8, max_new_tokens=20, init=init)
+    result = jacobi_generate(model, prompts, DecodeOptions(n=8, max_new_tokens=20, init=init))
     assert result.tokens == [hf_greedy(model, p, 20) for p in prompts]
 
 
@@ -70,7 +70,7 @@ def test_converged_block_is_accepted_whole(tiny_float64):
     (prompt,) = random_prompts((5,), seed=3)
     continuation = hf_greedy(model, prompt, 8)
     # Prompt = prompt + first token: the prefill then predicts continuation[1], the block's first token.
-    result = jacobi_generate(model, [prompt + continuation[:1]], n=4, max_new_tokens=4, init="pad")
+    result = jacobi_generate(model, [prompt + continuation[:1]], DecodeOptions(n=4, max_new_tokens=4, init="pad"))
     assert result.tokens[0] == continuation[1:5]
 
 
@@ -83,8 +83,8 @@ def test_accepted_lengths_formula():
 
 def test_max_new_tokens_zero_and_empty_batch(tiny_float64):
     model, _ = tiny_float64
-    assert jacobi_generate(model, [[5, 6]], n=4, max_new_tokens=0).tokens == [[]]
-    assert jacobi_generate(model, [], n=4).tokens == []
+    assert jacobi_generate(model, [[5, 6]], DecodeOptions(n=4, max_new_tokens=0)).tokens == [[]]
+    assert jacobi_generate(model, [], DecodeOptions(n=4)).tokens == []
 
 
 def test_lockstep_hook_keeps_making_passes_until_all_done(tiny_float64):
@@ -92,7 +92,7 @@ def test_lockstep_hook_keeps_making_passes_until_all_done(tiny_float64):
     calls = []
     handle = model.register_forward_hook(lambda *args: calls.append(1))
     try:
-        baseline = jacobi_generate(model, [[5, 6, 7]], n=4, max_new_tokens=6)
+        baseline = jacobi_generate(model, [[5, 6, 7]], DecodeOptions(n=4, max_new_tokens=6))
         decode_passes = baseline.forward_passes[0]
         calls.clear()
         flags = []
@@ -101,7 +101,7 @@ def test_lockstep_hook_keeps_making_passes_until_all_done(tiny_float64):
             flags.append(local_done)
             return local_done and len(flags) > decode_passes + 3  # another "rank" needs 3 more passes
 
-        result = jacobi_generate(model, [[5, 6, 7]], n=4, max_new_tokens=6, all_done=all_done)
+        result = jacobi_generate(model, [[5, 6, 7]], DecodeOptions(n=4, max_new_tokens=6, all_done=all_done))
     finally:
         handle.remove()
     assert result.tokens == baseline.tokens
@@ -123,19 +123,28 @@ def test_decode_batched_equals_one_call_per_batch_and_takes_any_decoder(tiny_flo
     prompts = random_prompts((6, 11, 4, 9, 3), seed=2)
     kwargs = {"n": 4, "max_new_tokens": 12}
     merged = decode_batched(model, prompts, batch_size=2, **kwargs)
-    parts = [jacobi_generate(model, prompts[i : i + 2], **kwargs) for i in range(0, 5, 2)]
+    parts = [jacobi_generate(model, prompts[i : i + 2], DecodeOptions(**kwargs)) for i in range(0, 5, 2)]
     assert merged.tokens == [row for part in parts for row in part.tokens]
     assert merged.accepted_per_pass == [row for part in parts for row in part.accepted_per_pass]
     calls = []
 
-    def counting(model, batch, **kw):
+    def counting(model, batch, options):
         calls.append(len(batch))
-        return DECODERS["jacobi"](model, batch, **kw)
+        return DECODERS["jacobi"](model, batch, options)
 
     again = decode_batched(model, prompts, batch_size=2, decoder=counting, min_batches=4, **kwargs)
     assert again.tokens == merged.tokens and calls == [2, 2, 1, 0]  # min_batches pads with empty batches
+    # keyword fields replace those of `options`
+    overridden = decode_batched(model, prompts, batch_size=2, options=DecodeOptions(n=16, max_new_tokens=3), n=4)
+    assert overridden.n == 4 and overridden.tokens == [row[:3] for row in merged.tokens]
     with pytest.raises(ValueError, match="unknown decoder"):
         decode_batched(model, prompts, batch_size=2, decoder="nonsense", **kwargs)
+
+
+@pytest.mark.parametrize(("fields", "message"), [({"n": 0}, "n must be >= 1"), ({"init": "zeros"}, "unknown init")])
+def test_decode_options_refuse_impossible_settings(fields, message):
+    with pytest.raises(ValueError, match=message):
+        DecodeOptions(**fields)
 
 
 def test_eos_ids_joins_generation_config_and_tokenizer(tiny_float64):
@@ -150,7 +159,7 @@ def test_eos_ids_joins_generation_config_and_tokenizer(tiny_float64):
     model.generation_config.eos_token_id = [first, second]
     ids = eos_ids(model, tokenizer)
     assert ids[:2] == [first, second] and tokenizer.eos_token_id in ids and len(ids) == len(set(ids))
-    result = jacobi_generate(model, prompts, n=4, max_new_tokens=MAX_NEW_TOKENS, eos_token_id=ids)
+    result = jacobi_generate(model, prompts, DecodeOptions(n=4, max_new_tokens=MAX_NEW_TOKENS, eos_token_id=ids))
     assert result.tokens == [hf_greedy(model, p, MAX_NEW_TOKENS, eos=ids) for p in prompts]
     assert result.tokens[0][-1] in (first, second) and len(result.tokens[0]) <= 5
     model.generation_config.eos_token_id = None

@@ -15,7 +15,7 @@ import copy
 import platform
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -27,7 +27,7 @@ from cllm.decoders import decode_batched
 from cllm.errors import UserError
 from cllm.files import write_json
 from cllm.generate import DecodeSettings, load_for_decoding
-from cllm.jacobi import JacobiResult, left_pad
+from cllm.jacobi import DecodeOptions, JacobiResult, left_pad
 from cllm.models import context_length, eos_ids, resolve_dtype
 from cllm.speed import (
     choose_n,
@@ -100,9 +100,9 @@ def greedy_ar(
     return [cut_at_eos(row[ids.shape[1] :].tolist(), eos) for row in out.cpu()]
 
 
-def timed_jacobi(model, prompts, batch_size, **kwargs) -> tuple[JacobiResult, float]:
+def timed_jacobi(model, prompts, batch_size: int, options: DecodeOptions) -> tuple[JacobiResult, float]:
     start = time.perf_counter()
-    merged = decode_batched(model, prompts, batch_size=batch_size, **kwargs)
+    merged = decode_batched(model, prompts, batch_size=batch_size, options=options)
     return merged, time.perf_counter() - start
 
 
@@ -136,14 +136,16 @@ def ar_variants(model, dtypes: list[str], compile: bool, **kwargs) -> dict[str, 
     return variants
 
 
-def decoder_variants(model, names: list[str], compile: bool, options: dict, **kwargs) -> dict[str, Callable]:
+def decoder_variants(
+    model, names: list[str], compile: bool, options: DecodeOptions, decoder_options: dict, max_len: int
+) -> dict[str, Callable]:
     """The decoders compared (batch -> tokens, passes); with `compile`, also `jacobi+compile` (the fast path)."""
-    options = dict(options)
-    max_len = options.pop("max_len")
 
     def run(name):
         def decoder(batch):
-            result = decode_batched(model, batch, batch_size=len(batch), decoder=name, options=options, **kwargs)
+            result = decode_batched(
+                model, batch, batch_size=len(batch), decoder=name, options=options, decoder_options=decoder_options
+            )
             return result.tokens, result.accepted_per_pass
 
         return decoder
@@ -152,7 +154,7 @@ def decoder_variants(model, names: list[str], compile: bool, options: dict, **kw
     if compile:
 
         def compiled(batch):
-            result = static_jacobi_generate(model, batch, **kwargs, max_len=max_len)
+            result = static_jacobi_generate(model, batch, options, max_len=max_len)
             return result.tokens, result.accepted_per_pass
 
         variants["jacobi+compile"] = compiled
@@ -169,7 +171,7 @@ def compare(
     batch_size: int,
     init: str = "context",
     decoders: list[str] = ("jacobi",),
-    options: dict | None = None,
+    decoder_options: dict | None = None,
     ar_dtypes: list[str] = (),
     compile: bool = False,
 ) -> dict:
@@ -184,9 +186,9 @@ def compare(
     dtype_name = str(next(model.parameters()).dtype).removeprefix("torch.")
     ar_kwargs = {"max_new_tokens": max_new_tokens, "eos": eos, "pad_token_id": pad, "max_len": max_len}
     ars = ar_variants(model, [dtype_name, *[d for d in ar_dtypes if d != dtype_name]], compile, **ar_kwargs)
-    decode_kwargs = {"n": n, "max_new_tokens": max_new_tokens, "eos_token_id": eos, "pad_token_id": pad, "init": init}
+    options = DecodeOptions(n=n, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad, init=init)
     names = ["jacobi", *[d for d in decoders if d != "jacobi"]]
-    decs = decoder_variants(model, names, compile, {**(options or {}), "max_len": max_len}, **decode_kwargs)
+    decs = decoder_variants(model, names, compile, options, decoder_options or {}, max_len)
     warmups, failed = {}, {}
     for name, decoder in {**ars, **decs}.items():  # first-call costs (and compilation) are not speed
         start = time.perf_counter()
@@ -318,7 +320,7 @@ def bench(args: BenchSettings) -> None:
             batch_size=args.batch_size,
             init=args.init,
             decoders=args.decoder,
-            options=args.decoder_options(),
+            decoder_options=args.decoder_options(),
             ar_dtypes=args.ar_dtype,
             compile=args.compile,
         )
@@ -351,17 +353,21 @@ def auto_n(model, tokenizer, prompt_ids: list[list[int]], args) -> tuple[int, li
         raise UserError(f"--n_candidates must be >= 1, got {args.n_candidates}")
     name = args.decoder[0] if args.decoder else "jacobi"
     budget = min(args.max_new_tokens, 32)
-    kwargs = {
-        "max_new_tokens": budget,
-        "eos_token_id": eos_ids(model, tokenizer),
-        "pad_token_id": tokenizer.pad_token_id,
-        "init": args.init,
-    }
-    options = args.decoder_options()
+    base = DecodeOptions(
+        max_new_tokens=budget,
+        eos_token_id=eos_ids(model, tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        init=args.init,
+    )
+    decoder_options = args.decoder_options()
 
     def measure(n: int):
+        options = replace(base, n=n)
+
         def decoder(batch):
-            result = decode_batched(model, batch, batch_size=1, decoder=name, options=options, n=n, **kwargs)
+            result = decode_batched(
+                model, batch, batch_size=1, decoder=name, options=options, decoder_options=decoder_options
+            )
             return result.tokens, result.accepted_per_pass
 
         return timed_run(name, decoder, prompt_ids, 1)

@@ -16,8 +16,9 @@ import torch
 from transformers import StaticCache
 
 from cllm.jacobi import (
-    INIT_STRATEGIES,
+    DecodeOptions,
     JacobiResult,
+    Prompts,
     _as_set,
     _fill_block,
     cache_argument,
@@ -99,7 +100,7 @@ def jacobi_slots(width: int, n: int, max_new_tokens: int, batch: int) -> int:
 @torch.no_grad()
 def static_greedy_ar(
     model: torch.nn.Module,
-    prompts: Sequence[Sequence[int]],
+    prompts: Prompts,
     *,
     max_new_tokens: int,
     eos_token_id: int | Sequence[int] | None = None,
@@ -137,26 +138,16 @@ def static_greedy_ar(
 
 @torch.no_grad()
 def static_jacobi_generate(
-    model: torch.nn.Module,
-    prompts: Sequence[Sequence[int]],
-    *,
-    n: int = 16,
-    max_new_tokens: int = 256,
-    eos_token_id: int | Sequence[int] | None = None,
-    pad_token_id: int = 0,
-    init: str = "context",
-    seed: int = 0,
-    compile: bool = True,
-    max_len: int = 0,
+    model: torch.nn.Module, prompts: Prompts, options: DecodeOptions, *, compile: bool = True, max_len: int = 0
 ) -> JacobiResult:
-    """`cllm.jacobi.jacobi_generate` on the fast path: same arguments, same outputs and passes (same guesses).
+    """`cllm.jacobi.jacobi_generate` on the fast path: same options, same outputs and passes (same guesses).
 
-    `max_len` as in `static_greedy_ar` (see `jacobi_slots`).
+    `max_len` as in `static_greedy_ar` (see `jacobi_slots`). No lockstep hook: the fast path runs one process.
     """
-    if n < 1 or init not in INIT_STRATEGIES:
-        raise ValueError(f"need n >= 1 and init in {INIT_STRATEGIES}; got n={n}, init={init!r}")
-    eos_ids = _as_set(eos_token_id)
-    generator = torch.Generator().manual_seed(seed)
+    if options.all_done is not None:
+        raise ValueError("static_jacobi_generate does not decode in lockstep (all_done); use jacobi_generate")
+    n, max_new_tokens, pad_token_id = options.n, options.max_new_tokens, options.pad_token_id
+    generator = options.generator()
     batch = len(prompts)
     tokens: list[list[int]] = [[] for _ in range(batch)]
     accepted_per_pass: list[list[int]] = [[] for _ in range(batch)]
@@ -171,7 +162,7 @@ def static_jacobi_generate(
     valid[:, :width] = attention_mask.bool()
     known = run.prefill(input_ids, attention_mask)
     positions = attention_mask.sum(-1)
-    block = _fill_block(known[:, None], n, prompt_tensors, init, pad_token_id, generator)
+    block = _fill_block(known[:, None], prompt_tensors, options, generator)
     active = list(range(batch))
     offsets = torch.arange(n)
     start = width
@@ -181,7 +172,7 @@ def static_jacobi_generate(
         finished = set()
         for row in active:
             proposed = block[row, : accepted[row]].tolist()
-            if commit(tokens[row], accepted_per_pass[row], proposed, max_new_tokens, eos_ids):
+            if commit(tokens[row], accepted_per_pass[row], proposed, options):
                 finished.add(row)
         live = torch.zeros(batch, dtype=torch.bool)
         live[active] = True
@@ -191,7 +182,7 @@ def static_jacobi_generate(
         valid[:, start : start + n] = offsets < accepted[:, None]  # holes; slots past `longest` are rewritten
         start, positions = start + longest, positions + accepted
         # Next block: q[a-1], q[a:], then fresh guesses (drawn for the rows active in this pass, as jacobi does).
-        fresh = _fill_block(carried[active, :1], n, [prompt_tensors[r] for r in active], init, pad_token_id, generator)
+        fresh = _fill_block(carried[active, :1], [prompt_tensors[r] for r in active], options, generator)
         block[active] = torch.where(needs_guess[active], fresh, carried[active])
         active = [row for row in active if row not in finished]
     return JacobiResult(tokens, accepted_per_pass, n)

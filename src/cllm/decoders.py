@@ -12,8 +12,9 @@
   on its own, lookahead-style); the longest verified run is committed.
 - `multiblock+recycle`: both (Jacobi Forcing's "MR").
 
-`DECODERS` names them all; `decode_batched` (bench, the accepted-tokens callback and the headline) runs any of them
-over a prompt list in batches.
+`DECODERS` names them all; each takes the shared `cllm.jacobi.DecodeOptions` and its own settings as keywords
+(`DECODER_OPTIONS`). `decode_batched` (bench, the accepted-tokens callback and the headline) runs any of them over a
+prompt list in batches.
 
 The acceptance rule is the same for every segment s (tokens `x`, predictions `q`, first token known correct):
 `a_s = 1 + max{k : x[i] == q[i-1] for 1 <= i <= k}`; the winner commits `x[:a]` and `q[a-1]` becomes the next
@@ -25,16 +26,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 
 import torch
 from transformers import DynamicCache
 
 from cllm.jacobi import (
-    INIT_STRATEGIES,
+    DecodeOptions,
     JacobiResult,
-    _as_set,
+    Prompts,
     _finish_lockstep,
     _keep_going,
     cache_argument,
@@ -91,26 +92,20 @@ class MultiblockResult(JacobiResult):
 @torch.no_grad()
 def multiblock_generate(
     model: torch.nn.Module,
-    prompts: Sequence[Sequence[int]],
+    prompts: Prompts,
+    options: DecodeOptions,
     *,
-    n: int = 16,
     blocks: int = DEFAULT_BLOCKS,
     threshold: float = DEFAULT_THRESHOLD,
     candidates: int = DEFAULT_CANDIDATES,
     pool_size: int = DEFAULT_POOL_SIZE,
     ngram: int | None = None,
     ngrams: Sequence[Sequence[int]] = (),
-    max_new_tokens: int = 256,
-    eos_token_id: int | Sequence[int] | None = None,
-    pad_token_id: int = 0,
-    init: str = "context",
-    seed: int = 0,
-    all_done: Callable[[bool], bool] | None = None,
 ) -> MultiblockResult:
     """Greedy decoding with up to `blocks` Jacobi blocks in flight and `candidates` recycled n-grams per pass.
 
     Args:
-        model, prompts, n, max_new_tokens, eos_token_id, pad_token_id, init, seed, all_done: as `jacobi_generate`.
+        model, prompts, options: as `jacobi_generate`.
         blocks: K, the most blocks in flight (1: single-block Jacobi).
         threshold: r, the settled share of block 1 at which one more block is drafted.
         candidates: G, pool n-grams verified per pass (0: no recycling).
@@ -118,24 +113,22 @@ def multiblock_generate(
         ngram: n-gram length of the pool (default n).
         ngrams: extra n-grams planted in every row's pool (after its prompt's).
     """
-    if n < 1 or blocks < 1 or candidates < 0 or pool_size < 1 or not 0.0 <= threshold <= 1.0:
+    if blocks < 1 or candidates < 0 or pool_size < 1 or not 0.0 <= threshold <= 1.0:
         raise ValueError(
-            f"need n >= 1, blocks >= 1, candidates >= 0, pool_size >= 1, 0 <= r <= 1; got "
-            f"n={n} blocks={blocks} candidates={candidates} pool_size={pool_size} threshold={threshold}"
+            f"need blocks >= 1, candidates >= 0, pool_size >= 1, 0 <= r <= 1; got "
+            f"blocks={blocks} candidates={candidates} pool_size={pool_size} threshold={threshold}"
         )
-    if init not in INIT_STRATEGIES:
-        raise ValueError(f"unknown init strategy {init!r}; choose one of {INIT_STRATEGIES}")
+    n, init, pad_token_id, all_done = options.n, options.init, options.pad_token_id, options.all_done
     ngram = ngram or n
     device = next(model.parameters()).device
-    eos_ids = _as_set(eos_token_id)
-    generator = torch.Generator().manual_seed(seed)
+    generator = options.generator()
     batch = len(prompts)
     tokens: list[list[int]] = [[] for _ in range(batch)]
     accepted_per_pass: list[list[int]] = [[] for _ in range(batch)]
     recycled: list[int] = [0] * batch  # passes whose longest run came from the pool
     window_blocks: list[list[int]] = [[] for _ in range(batch)]
     result = MultiblockResult(tokens, accepted_per_pass, n, recycled, window_blocks)
-    if batch == 0 or max_new_tokens <= 0:
+    if batch == 0 or options.max_new_tokens <= 0:
         _finish_lockstep(model, all_done, pad_token_id, device)
         return result
     if any(len(prompt) == 0 for prompt in prompts):
@@ -150,7 +143,7 @@ def multiblock_generate(
             for gram in ngrams:
                 pool.add(gram)
     # Each row's window: a list of token ids, its first token known correct; its length is n * (blocks in flight).
-    guesses = _guesses(prompt_tensors, n - 1, init, pad_token_id, generator)
+    guesses = _guesses(prompt_tensors, n - 1, options, generator)
     windows = [[int(known[i])] + _guess_row(guesses[i], int(known[i]), init) for i in range(batch)]
     in_flight = [1] * batch
     rows = list(range(batch))  # original index of each active row
@@ -188,13 +181,13 @@ def multiblock_generate(
             winner_predictions = predictions[i][start : start + length]
 
             proposed = ids[i][start : start + accepted]
-            done = commit(tokens[row], accepted_per_pass[row], proposed, max_new_tokens, eos_ids)
+            done = commit(tokens[row], accepted_per_pass[row], proposed, options)
             window_blocks[row].append(in_flight[i])
             keep_slots.append(list(range(start, start + accepted)))
             keep_lengths.append(accepted)
             # Fresh guesses are drawn for every row, finishing or not, in row order (the stream `jacobi` draws).
             width = n * in_flight[i]
-            draws = _guesses([prompt_tensors[row]], width - 1, init, pad_token_id, generator)[0]
+            draws = _guesses([prompt_tensors[row]], width - 1, options, generator)[0]
             if done:
                 finished.append(i)
                 continue
@@ -205,7 +198,7 @@ def multiblock_generate(
             grow = settled >= threshold * n
             grown = max(1, min(blocks, in_flight[i] + (1 if grow else -1)))
             if grown > in_flight[i]:
-                more = _guesses([prompt_tensors[row]], n * (grown - in_flight[i]), init, pad_token_id, generator)
+                more = _guesses([prompt_tensors[row]], n * (grown - in_flight[i]), options, generator)
                 draws = torch.cat([draws, more[0]])
             in_flight[i], width = grown, n * grown
             # Next window: the winner's predictions from q[a-1] on, then the window's, then fresh guesses.
@@ -237,9 +230,12 @@ def _accepted(x: list[int], q: list[int]) -> int:
     return run
 
 
-def _guesses(prompts: Sequence[torch.Tensor], count: int, init: str, pad_token_id: int, generator) -> torch.Tensor:
+def _guesses(
+    prompts: Sequence[torch.Tensor], count: int, options: DecodeOptions, generator: torch.Generator
+) -> torch.Tensor:
     """`initial_guess`, with `repeat` drawn as padding (it draws nothing) and filled in by `_guess_row`."""
-    return initial_guess(prompts, count, "pad" if init == "repeat" else init, pad_token_id, generator)
+    strategy = "pad" if options.init == "repeat" else options.init
+    return initial_guess(prompts, count, strategy, options.pad_token_id, generator)
 
 
 def _guess_row(fresh: torch.Tensor, first: int, init: str) -> list[int]:
@@ -305,15 +301,15 @@ def _keep(
 
 
 Decoder = Callable[..., JacobiResult]
-# name -> decoder with jacobi_generate's signature (model, prompts, *, n, max_new_tokens, eos_token_id, ...)
+# name -> decoder called as (model, prompts, options: DecodeOptions, **its own settings), like jacobi_generate
 DECODERS: dict[str, Decoder] = {
     "jacobi": jacobi_generate,
     "multiblock": partial(multiblock_generate, candidates=0),
     "recycle": partial(multiblock_generate, blocks=1),
     "multiblock+recycle": multiblock_generate,
 }
-# the settings each named decoder takes beyond jacobi_generate's
-OPTIONS: dict[str, tuple[str, ...]] = {
+# the settings each named decoder takes beyond DecodeOptions
+DECODER_OPTIONS: dict[str, tuple[str, ...]] = {
     "jacobi": (),
     "multiblock": ("blocks", "threshold"),
     "recycle": ("candidates", "pool_size", "ngram"),
@@ -323,13 +319,14 @@ OPTIONS: dict[str, tuple[str, ...]] = {
 
 def decode_batched(
     model: torch.nn.Module,
-    prompts: Sequence[Sequence[int]],
+    prompts: Prompts,
     *,
     batch_size: int,
     decoder: str | Decoder = "jacobi",
     min_batches: int = 0,
-    options: dict | None = None,
-    **decode_kwargs,
+    options: DecodeOptions | None = None,
+    decoder_options: dict | None = None,
+    **fields,
 ) -> JacobiResult:
     """Decode `prompts` in batches of `batch_size` with one decoder and merge the results in prompt order.
 
@@ -337,22 +334,24 @@ def decode_batched(
         model: the causal LM.
         prompts: token id lists.
         batch_size: rows per decoder call.
-        decoder: a name in DECODERS or a callable with `jacobi_generate`'s signature.
+        decoder: a name in DECODERS or a callable called like them.
         min_batches: walk at least this many batches (the last ones empty): distributed callers pass the same
             count on every rank so that, with `all_done`, every rank makes the same forward passes.
-        options: decoder settings (blocks, threshold, candidates, pool_size, ngram); a named decoder gets only
-            those it takes (see OPTIONS), so one dict serves every decoder.
-        decode_kwargs: passed to the decoder (n, max_new_tokens, eos_token_id, pad_token_id, init, all_done, ...).
+        options: the settings every decoder takes (default: `DecodeOptions()`).
+        decoder_options: the decoder's own settings (blocks, threshold, candidates, pool_size, ngram); a named
+            decoder gets only those it takes (see DECODER_OPTIONS), so one dict serves every decoder.
+        fields: `DecodeOptions` fields that replace those of `options`, so keyword callers need not build one
+            (`decode_batched(model, prompts, batch_size=8, n=16, max_new_tokens=64, eos_token_id=2)`).
     """
+    options = replace(options or DecodeOptions(), **fields)
+    own = dict(decoder_options or {})
     if isinstance(decoder, str):
         if decoder not in DECODERS:
             raise ValueError(f"unknown decoder {decoder!r}; choose one of {', '.join(DECODERS)}")
-        decode_kwargs.update({k: v for k, v in (options or {}).items() if k in OPTIONS[decoder]})
+        own = {k: v for k, v in own.items() if k in DECODER_OPTIONS[decoder]}
         decoder = DECODERS[decoder]
-    elif options:
-        decode_kwargs.update(options)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     batches = max(math.ceil(len(prompts) / batch_size), min_batches)
-    results = [decoder(model, prompts[b * batch_size : (b + 1) * batch_size], **decode_kwargs) for b in range(batches)]
-    return JacobiResult.concat(results, decode_kwargs.get("n", 16))
+    results = [decoder(model, prompts[b * batch_size : (b + 1) * batch_size], options, **own) for b in range(batches)]
+    return JacobiResult.concat(results, options.n)

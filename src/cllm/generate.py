@@ -11,8 +11,16 @@ from transformers.utils import logging as hf_logging
 from cllm.arguments import parse_settings
 from cllm.compiled import static_jacobi_generate
 from cllm.data_modules.prompts import Prompt, encode_prompts
-from cllm.decoders import DECODERS, DEFAULT_BLOCKS, DEFAULT_CANDIDATES, DEFAULT_POOL_SIZE, DEFAULT_THRESHOLD, OPTIONS
+from cllm.decoders import (
+    DECODERS,
+    DEFAULT_BLOCKS,
+    DEFAULT_CANDIDATES,
+    DEFAULT_POOL_SIZE,
+    DEFAULT_THRESHOLD,
+    decode_batched,
+)
 from cllm.errors import UserError
+from cllm.jacobi import DecodeOptions
 from cllm.models import context_length, eos_ids, load_model
 
 
@@ -53,7 +61,7 @@ class DecodeSettings:
     compile: bool = False
 
     def decoder_options(self) -> dict:
-        """The decoder settings, for `cllm.decoders.decode_batched(options=...)`."""
+        """The decoders' own settings, for `cllm.decoders.decode_batched(decoder_options=...)`."""
         return {name: getattr(self, name) for name in ("blocks", "threshold", "candidates", "pool_size", "ngram")}
 
 
@@ -119,18 +127,24 @@ def generate(settings: GenerateSettings) -> None:
         tokenizer, [Prompt("prompt", settings.prompt)], settings.chat_template, context_length(model), "--prompt"
     )
     start = time.perf_counter()
-    kwargs = {
-        "n": settings.n,
-        "max_new_tokens": settings.max_new_tokens,
-        "eos_token_id": eos_ids(model, tokenizer),
-        "pad_token_id": tokenizer.pad_token_id,
-        "init": settings.init,
-    }
+    options = DecodeOptions(
+        n=settings.n,
+        max_new_tokens=settings.max_new_tokens,
+        eos_token_id=eos_ids(model, tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        init=settings.init,
+    )
     if settings.compile:
-        result = static_jacobi_generate(model, [prompt_ids], **kwargs)
+        result = static_jacobi_generate(model, [prompt_ids], options)
     else:
-        options = {k: v for k, v in settings.decoder_options().items() if k in OPTIONS[settings.decoder]}
-        result = DECODERS[settings.decoder](model, [prompt_ids], **kwargs, **options)
+        result = decode_batched(
+            model,
+            [prompt_ids],
+            batch_size=1,
+            decoder=settings.decoder,
+            options=options,
+            decoder_options=settings.decoder_options(),
+        )
     seconds = time.perf_counter() - start
     tokens = result.tokens[0]
     label = f"{settings.decoder} n={settings.n}" + (" compiled" if settings.compile else "")

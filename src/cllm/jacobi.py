@@ -11,8 +11,10 @@ pass commits at least one token that greedy AR would also have produced, so the 
 token for token. The figure of merit is generated tokens / decode passes (prefill excluded): AR is 1.0.
 
 `jacobi_step` is that update alone; `jacobi_generate` is the loop around it (KV cache, budget, EOS, finished
-rows). The decoders beyond one block and the one batched-decode helper used by bench, the accepted-tokens callback
-and the headline (`decode_batched`, decoders by name in `DECODERS`) live in `cllm.decoders`.
+rows). `DecodeOptions` holds the settings every decoder takes (n, budget, EOS, padding, initial guess, seed, the
+lockstep hook); a decoder's own settings are its keyword arguments. The decoders beyond one block and the one
+batched-decode helper used by bench, the accepted-tokens callback and the headline (`decode_batched`, decoders by
+name in `DECODERS`) live in `cllm.decoders`.
 
 Batched rows accept different lengths per pass. The cache stays rectangular: it keeps the slots up to
 the longest accepted run of the batch, and each row's rejected slots are masked out ("holes").
@@ -29,6 +31,47 @@ import torch
 from transformers import DynamicCache
 
 INIT_STRATEGIES = ("context", "repeat", "pad")
+Prompts = Sequence[Sequence[int]]  # a batch: one list of token ids per row, rows of any lengths
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    """The settings every decoder takes: `jacobi_generate`, `cllm.decoders.multiblock_generate` (and the named
+    decoders built on it) and `cllm.compiled.static_jacobi_generate`.
+
+    Attributes:
+        n: block size (tokens refined in parallel per pass); n=1 is plain greedy AR.
+        max_new_tokens: generation budget per row.
+        eos_token_id: id or ids that end a row (included in its output).
+        pad_token_id: filler for left padding (never attended to).
+        init: initial guess for fresh block positions, one of INIT_STRATEGIES.
+        seed: seed of the guess generator (the output does not depend on it; the step count may).
+        all_done: for distributed callers: given this process's "all my rows finished" flag, return whether
+            every process has finished. While others still run, this process keeps making (dummy) forward
+            passes, so sharded models (FSDP) stay in lockstep.
+    """
+
+    n: int = 16
+    max_new_tokens: int = 256
+    eos_token_id: int | Sequence[int] | None = None
+    pad_token_id: int = 0
+    init: str = "context"
+    seed: int = 0
+    all_done: Callable[[bool], bool] | None = None
+
+    def __post_init__(self) -> None:
+        if self.n < 1:
+            raise ValueError(f"block size n must be >= 1, got {self.n}")
+        if self.init not in INIT_STRATEGIES:
+            raise ValueError(f"unknown init strategy {self.init!r}; choose one of {INIT_STRATEGIES}")
+
+    @property
+    def eos_ids(self) -> set[int]:
+        return _as_set(self.eos_token_id)
+
+    def generator(self) -> torch.Generator:
+        """A fresh generator of initial guesses: the same seed draws the same guesses in every decoder."""
+        return torch.Generator().manual_seed(self.seed)
 
 
 @dataclass
@@ -107,44 +150,21 @@ def initial_guess(
 
 
 @torch.no_grad()
-def jacobi_generate(
-    model: torch.nn.Module,
-    prompts: Sequence[Sequence[int]],
-    *,
-    n: int = 16,
-    max_new_tokens: int = 256,
-    eos_token_id: int | Sequence[int] | None = None,
-    pad_token_id: int = 0,
-    init: str = "context",
-    seed: int = 0,
-    all_done: Callable[[bool], bool] | None = None,
-) -> JacobiResult:
+def jacobi_generate(model: torch.nn.Module, prompts: Prompts, options: DecodeOptions) -> JacobiResult:
     """Greedy Jacobi decoding of a batch of prompts (token id lists of any lengths).
 
     Args:
         model: a Hugging Face causal LM (input_ids, attention_mask, position_ids, KV cache).
         prompts: one list of token ids per row; rows may differ in length and finish at different times.
-        n: block size (tokens refined in parallel per pass); n=1 is plain greedy AR.
-        max_new_tokens: generation budget per row.
-        eos_token_id: id or ids that end a row (included in its output).
-        pad_token_id: filler for left padding (never attended to).
-        init: initial guess for fresh block positions, one of INIT_STRATEGIES.
-        seed: seed of the guess generator (the output does not depend on it; the step count may).
-        all_done: for distributed callers: given this process's "all my rows finished" flag, return whether
-            every process has finished. While others still run, this process keeps making (dummy) forward
-            passes, so sharded models (FSDP) stay in lockstep.
+        options: block size, budget, EOS, padding, initial guess, seed and lockstep hook (`DecodeOptions`).
     """
-    if n < 1:
-        raise ValueError(f"block size n must be >= 1, got {n}")
-    if init not in INIT_STRATEGIES:
-        raise ValueError(f"unknown init strategy {init!r}; choose one of {INIT_STRATEGIES}")
+    n, pad_token_id, all_done = options.n, options.pad_token_id, options.all_done
     device = next(model.parameters()).device
-    eos_ids = _as_set(eos_token_id)
-    generator = torch.Generator().manual_seed(seed)
+    generator = options.generator()
     batch = len(prompts)
     tokens: list[list[int]] = [[] for _ in range(batch)]
     accepted_per_pass: list[list[int]] = [[] for _ in range(batch)]
-    if batch == 0 or max_new_tokens <= 0:
+    if batch == 0 or options.max_new_tokens <= 0:
         _finish_lockstep(model, all_done, pad_token_id, device)
         return JacobiResult(tokens, accepted_per_pass, n)
     if any(len(prompt) == 0 for prompt in prompts):
@@ -152,7 +172,7 @@ def jacobi_generate(
 
     prompt_tensors = [torch.as_tensor(list(prompt), dtype=torch.long) for prompt in prompts]
     cache, attention_mask, next_position, known = prefill(model, prompt_tensors, pad_token_id)
-    block = _fill_block(known[:, None], n, prompt_tensors, init, pad_token_id, generator)
+    block = _fill_block(known[:, None], prompt_tensors, options, generator)
     rows = list(range(batch))  # original index of each active row
 
     offsets = torch.arange(n)
@@ -175,7 +195,7 @@ def jacobi_generate(
 
         finished = []
         for i, row in enumerate(rows):
-            if commit(tokens[row], accepted_per_pass[row], block[i, : accepted[i]].tolist(), max_new_tokens, eos_ids):
+            if commit(tokens[row], accepted_per_pass[row], block[i, : accepted[i]].tolist(), options):
                 finished.append(i)
 
         # Keep cache slots up to the longest accepted run; mask each row's rejected slots (holes).
@@ -186,7 +206,7 @@ def jacobi_generate(
         next_position = next_position + accepted
 
         # Next block: the known-correct token q[a-1], the later predictions q[a:], then fresh guesses.
-        fresh = _fill_block(carried[:, :1], n, [prompt_tensors[row] for row in rows], init, pad_token_id, generator)
+        fresh = _fill_block(carried[:, :1], [prompt_tensors[row] for row in rows], options, generator)
         block = torch.where(needs_guess, fresh, carried)
 
         if finished:
@@ -203,13 +223,14 @@ def jacobi_generate(
     return JacobiResult(tokens, accepted_per_pass, n)
 
 
-def commit(generated: list[int], passes: list[int], accepted: list[int], max_new_tokens: int, eos_ids: set) -> bool:
+def commit(generated: list[int], passes: list[int], accepted: list[int], options: DecodeOptions) -> bool:
     """Append a pass's accepted tokens to a row's output, cut at the budget and after an EOS; record the count.
 
     Returns whether the row is finished (budget spent or EOS reached).
     """
-    committed = accepted[: max_new_tokens - len(generated)]
-    done = len(generated) + len(committed) >= max_new_tokens
+    committed = accepted[: options.max_new_tokens - len(generated)]
+    done = len(generated) + len(committed) >= options.max_new_tokens
+    eos_ids = options.eos_ids
     for j, token in enumerate(committed):
         if token in eos_ids:
             committed, done = committed[: j + 1], True
@@ -219,7 +240,7 @@ def commit(generated: list[int], passes: list[int], accepted: list[int], max_new
     return done
 
 
-def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(prompts: Prompts, pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """[rows, width] ids and attention mask with every prompt right-aligned (padding on the left)."""
     width = max(len(prompt) for prompt in prompts)
     input_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
@@ -231,7 +252,7 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch
 
 
 def prefill(
-    model: torch.nn.Module, prompts: Sequence[Sequence[int]], pad_token_id: int
+    model: torch.nn.Module, prompts: Prompts, pad_token_id: int
 ) -> tuple[DynamicCache, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One pass over the left-padded prompts.
 
@@ -259,17 +280,13 @@ def cache_argument(model: torch.nn.Module, cache: DynamicCache) -> dict:
 
 
 def _fill_block(
-    first: torch.Tensor,
-    n: int,
-    prompts: Sequence[torch.Tensor],
-    init: str,
-    pad_token_id: int,
-    generator: torch.Generator,
+    first: torch.Tensor, prompts: Sequence[torch.Tensor], options: DecodeOptions, generator: torch.Generator
 ) -> torch.Tensor:
     """[rows, n] block: the known-correct first token, then n-1 guesses from the init strategy."""
-    if init == "repeat":
-        return first.expand(-1, n).clone()
-    return torch.cat([first, initial_guess(prompts, n - 1, init, pad_token_id, generator)], dim=1)
+    if options.init == "repeat":
+        return first.expand(-1, options.n).clone()
+    guesses = initial_guess(prompts, options.n - 1, options.init, options.pad_token_id, generator)
+    return torch.cat([first, guesses], dim=1)
 
 
 def _keep_going(has_rows: bool, all_done: Callable[[bool], bool] | None) -> bool:

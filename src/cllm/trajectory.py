@@ -20,13 +20,13 @@ from collections.abc import Sequence
 
 import torch
 
-from cllm.jacobi import INIT_STRATEGIES, cache_argument, initial_guess, prefill
+from cllm.jacobi import INIT_STRATEGIES, Prompts, cache_argument, initial_guess, prefill
 
 
 @torch.no_grad()
 def collect_trajectories(
     model: torch.nn.Module,
-    prompts: Sequence[Sequence[int]],
+    prompts: Prompts,
     *,
     n: int,
     max_new_tokens: int,
