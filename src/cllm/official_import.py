@@ -6,11 +6,12 @@ That file is one JSON list with an entry per (prompt, block):
     jacobian_itr_id "itr_2"     -> block_index 2
     prompt_ids_len [L] or L     -> the original prompt is the first L tokens of prompt_ids
     prompt_ids [[...]] or [...] -> prompt + the fixed points of earlier blocks (so prefix_ids = prompt_ids[L:]);
-                                   nested 3-4 deep in block 0 of the gsm8k/sharegpt files: every depth unwraps
+                                   at official HEAD 2277536 nested 3 deep (gsm8k) or 4 deep (sharegpt) in block 0,
+                                   2 deep otherwise: every depth unwraps
     answer_trajectory_ids       -> states (each maybe nested); the last is the fixed point. With `use_aug`,
-                                   files made before 2024-11-05 hold augmented states at the front (they cannot
-                                   be told apart and are kept as ordinary states); at HEAD the official code
-                                   corrects states in place.
+                                   files made before official commit 9aebba2 (2024-11-05) hold augmented copies
+                                   at the front; at HEAD the official code corrects states in place. Neither can
+                                   be told apart: they are kept as ordinary states (docs/data.md).
     teacher_output_ids          -> prompt + prefix + fixed point (checked against the last state)
     labels_ids (optional)       -> prompt + ground-truth answer ids; we keep the answer part as `labels`
 
