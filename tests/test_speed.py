@@ -49,3 +49,22 @@ def test_timed_keeps_the_fastest_of_its_repeats(monkeypatch):
     calls = []
     value, seconds = scoring._timed(lambda x: calls.append(x) or len(calls), "x", repeats=3)
     assert (value, seconds, len(calls)) == (2, 1.0, 3)
+
+
+def test_speed_times_each_decoder_in_every_dtype_and_reports_its_fastest():
+    from cllm.models import load_model
+    from cllm.scoring import speed
+
+    models = {}
+    for dtype in ("float32", "float64"):
+        models[dtype], tokenizer = load_model("tiny", dtype=dtype)
+    models["float64"].load_state_dict(models["float32"].state_dict())  # one model in two dtypes
+    prompts = [[5, 6, 7, 8], [9, 10, 11]]
+    result = speed(models, tokenizer, prompts, max_new_tokens=6, n_values=[4], decoders=("jacobi", "recycle"))
+    assert set(result["ar"]) == {"float32", "float64"} and result["fastest_ar_dtype"] in result["ar"]
+    for name in ("jacobi", "recycle"):
+        entry = result["decoders"][name]["4"]
+        assert set(entry["by_dtype"]) == {"float32", "float64"}
+        assert entry["dtype"] == max(entry["by_dtype"], key=lambda d: entry["by_dtype"][d]["tokens_per_s"])
+        assert all(timed["ar_agreement"] == 1.0 for timed in entry["by_dtype"].values())  # against AR in its dtype
+    assert result["other_cpu_share"] is None or 0.0 <= result["other_cpu_share"] <= 1.0
