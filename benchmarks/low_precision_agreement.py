@@ -14,6 +14,7 @@ bf16's resolution at that logit size (2^-7 relative, ~0.1 at logit 16) is a near
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch
@@ -23,6 +24,7 @@ from cllm.data_modules.prompts import encode_prompts, load_prompts
 from cllm.decoders import DECODERS, decode_batched
 from cllm.files import write_json
 from cllm.hardware import recorded_cpu_flags
+from cllm.jacobi import DecodeOptions
 from cllm.models import eos_ids, load_model
 
 
@@ -63,10 +65,11 @@ def main(argv: list[str] | None = None) -> None:
     reference, _ = load_model(args.model, dtype="float32")
     ids = encode_prompts(tokenizer, load_prompts(args.prompts, limit=args.limit))
     eos, pad = eos_ids(model, tokenizer), tokenizer.pad_token_id
+    options = DecodeOptions(n=args.n, max_new_tokens=args.max_new_tokens, eos_token_id=eos, pad_token_id=pad)
     ar = [greedy_ar(model, [p], max_new_tokens=args.max_new_tokens, eos=eos, pad_token_id=pad)[0] for p in ids]
     ar32 = [greedy_ar(reference, [p], max_new_tokens=args.max_new_tokens, eos=eos, pad_token_id=pad)[0] for p in ids]
     result = {
-        "command": "python benchmarks/low_precision_agreement.py " + " ".join(argv or __import__("sys").argv[1:]),
+        "command": "python benchmarks/low_precision_agreement.py " + " ".join(argv or sys.argv[1:]),
         "cpu_flags": recorded_cpu_flags(),
         "model": args.model,
         "dtype": args.dtype,
@@ -76,19 +79,7 @@ def main(argv: list[str] | None = None) -> None:
         "decoders": {},
     }
     for name in args.decoders:
-        runs = [
-            decode_batched(
-                model,
-                [p],
-                batch_size=1,
-                n=args.n,
-                max_new_tokens=args.max_new_tokens,
-                eos_token_id=eos,
-                pad_token_id=pad,
-                decoder=name,
-            ).tokens[0]
-            for p in ids
-        ]
+        runs = [decode_batched(model, [p], batch_size=1, decoder=name, options=options).tokens[0] for p in ids]
         partings = []
         for k, (prompt, out, ref) in enumerate(zip(ids, runs, ar)):
             i = first_difference(out, ref)

@@ -15,6 +15,7 @@ from cllm.data_modules.prompts import encode_prompts
 from cllm.decoders import decode_batched
 from cllm.evaluation import humaneval_pass_at_1
 from cllm.hardware import OtherLoad
+from cllm.jacobi import DecodeOptions
 from cllm.models import eos_ids, load_model
 from cllm.records import REPETITION_LIMIT, Prompt, longest_run
 
@@ -119,10 +120,14 @@ def _speed(models, tokenizer, prompt_ids, max_new_tokens, n_values, decoders, re
 def _timed_decoder(model, prompt_ids, name: str, n: int, timing: dict, same_dtype_ar: list, fastest_ar: dict) -> dict:
     """One decoder at one n in one model's dtype: acceptance, tokens/s, speedup over the fastest AR (any dtype) and
     agreement with greedy AR in the same dtype (bf16 passes of different widths may part at near-ties)."""
-    kwargs = {"n": n, "max_new_tokens": timing["max_new_tokens"], "eos_token_id": timing["eos"], "decoder": name}
-    kwargs["pad_token_id"] = timing["pad_token_id"]
-    decode_batched(model, prompt_ids[:1], batch_size=1, **{**kwargs, "max_new_tokens": 4})  # warm-up
-    runs = [_timed(decode_batched, model, [p], batch_size=1, repeats=timing["repeats"], **kwargs) for p in prompt_ids]
+    options = DecodeOptions(
+        n=n, max_new_tokens=timing["max_new_tokens"], eos_token_id=timing["eos"], pad_token_id=timing["pad_token_id"]
+    )
+    decode_batched(model, prompt_ids[:1], batch_size=1, decoder=name, options=options, max_new_tokens=4)  # warm-up
+    runs = [
+        _timed(decode_batched, model, [p], batch_size=1, decoder=name, options=options, repeats=timing["repeats"])
+        for p in prompt_ids
+    ]
     tokens, seconds = [len(r.tokens[0]) for r, _ in runs], [s for _, s in runs]
     per_prompt = [t / s for t, s in zip(tokens, seconds)]
     return {
