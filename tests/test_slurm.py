@@ -142,7 +142,10 @@ def test_requeue_resumes_at_the_saved_step(slurm: dict[str, str], workdir: Path)
     first, second = (train_steps(run_dir / "logs" / f"version_{v}" / "metrics.csv") for v in (0, 1))
     # The second attempt starts at the saved step (not 0) and finishes the run; the first stopped there.
     assert min(second) == saved_step and max(second) == max_steps - 1
-    assert max(first) == saved_step - 1
+    # Lightning's SIGUSR1 handler flushes the loggers and then saves: a signal that lands between an optimizer step
+    # (global_step already counted) and that step's log call leaves that one row out of the first attempt's CSV.
+    # What matters is that the first attempt never logged a step past the checkpoint it saved.
+    assert saved_step - 2 <= max(first) <= saved_step - 1
     assert list((run_dir / "checkpoints").glob(f"*-step={max_steps}.ckpt"))
     # Both attempts wrote into the same W&B run (id derived from the job id).
     runs = [read_offline_run(p) for p in sorted(run_dir.glob("wandb/offline-run-*"))]
