@@ -152,6 +152,11 @@ class TrajectoryDataModule(LightningDataModule):
         self.manifest: dict | None = None
         self._samples: dict[bool, array] = {}
 
+    @property
+    def masked_batches(self) -> bool:
+        """Whether batches carry a 4D may-attend mask (packed and Jacobi Forcing rows), which flash-attn cannot take."""
+        return self.hparams.state_strategy in ("pack", "jacobi_forcing")
+
     def prepare_data(self) -> None:
         """Collect the trajectories (one process, batched) when the folder has no manifest yet."""
         if (self.path / MANIFEST_NAME).is_file():

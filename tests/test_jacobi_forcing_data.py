@@ -3,6 +3,7 @@ workers, one forward pass per batch, fit on the tiny model."""
 
 from __future__ import annotations
 
+import shutil
 from collections import Counter
 
 import pytest
@@ -136,3 +137,32 @@ def test_sliced_logits_give_the_full_logits_losses_and_gradients(tmp_path):
         torch.testing.assert_close(sliced[part], full[part], rtol=0, atol=1e-10)
     for ours, theirs in zip(sliced_grads, full_grads):
         torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6 * theirs.abs().max().item())
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("clang++") is None, reason="inductor needs a C++ compiler")
+def test_flex_attention_takes_the_forcing_mask_as_a_block_mask(tmp_path):
+    """What `attn_implementation: auto` picks for these batches on CUDA; on CPU FlexAttention runs float32 only."""
+    make_responses(tmp_path)
+    batch = next(iter(forcing_data(tmp_path, batch_size=4).train_dataloader()))
+    parts = {}
+    for attention in ("sdpa", "flex_attention"):
+        module = CLLMModule(model="tiny", dtype="float32", n=N, attn_implementation=attention)
+        module.configure_model()
+        with torch.no_grad():
+            parts[attention] = module.compute_losses(batch)
+    for part in ("loss", "consistency_loss", "ar_loss"):
+        torch.testing.assert_close(parts["flex_attention"][part], parts["sdpa"][part], rtol=1e-5, atol=1e-6)
+
+
+def test_auto_attention_keeps_flash_attn_away_from_4d_masks(tmp_path, monkeypatch):
+    from cllm import models
+
+    make_responses(tmp_path)
+    assert forcing_data(tmp_path).masked_batches
+    assert not TrajectoryDataModule(str(tmp_path), "tiny", n=N).masked_batches
+    assert models.resolve_attn_implementation("auto", masked=True) == "sdpa"  # no CUDA here
+    monkeypatch.setattr(models.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: object())  # flash-attn "installed"
+    assert models.resolve_attn_implementation("auto", masked=True) == "flex_attention"
+    assert models.resolve_attn_implementation("auto") == "flash_attention_2"
+    assert models.resolve_attn_implementation("eager", masked=True) == "eager"

@@ -53,13 +53,32 @@ def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device = "cpu") 
     return DTYPES[dtype]
 
 
-def resolve_attn_implementation(attn_implementation: str = "auto") -> str:
-    """`auto` means flash_attention_2 where flash-attn and CUDA are present, else PyTorch's sdpa."""
+def resolve_attn_implementation(attn_implementation: str = "auto", *, masked: bool = False) -> str:
+    """`auto` means flash_attention_2 where flash-attn and CUDA are present, else PyTorch's sdpa. For `masked` batches
+    (packed or Jacobi Forcing rows: a 4D may-attend mask, which flash-attn cannot take) it means FlexAttention on CUDA
+    (the mask as a block-sparse `BlockMask`) and sdpa elsewhere."""
     if attn_implementation != "auto":
         return attn_implementation
-    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
-        return "flash_attention_2"
+    if torch.cuda.is_available():
+        if masked and importlib.util.find_spec("torch.nn.attention.flex_attention") is not None:
+            return "flex_attention"
+        if not masked and importlib.util.find_spec("flash_attn") is not None:
+            return "flash_attention_2"
     return "sdpa"
+
+
+def flex_block_mask(may_attend: torch.Tensor):
+    """A boolean may-attend mask [B, 1, L, L] as FlexAttention's `BlockMask`: key blocks no query of a block may see
+    are skipped, not computed and masked (what makes long Jacobi Forcing rows cheap on CUDA)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    allowed = may_attend[:, 0]
+
+    def mask_mod(b, h, q, kv):
+        return allowed[b, q, kv]
+
+    rows, _, queries, keys = may_attend.shape
+    return create_block_mask(mask_mod, rows, None, queries, keys, device=may_attend.device)
 
 
 def load_model(

@@ -26,6 +26,7 @@ from cllm.errors import UserError
 from cllm.hardware import auto_dtype
 from cllm.logit_table import FusedAR, needed_positions, sliced_forward
 from cllm.models import (
+    flex_block_mask,
     load_model,
     load_tokenizer,
     local_folder,
@@ -44,7 +45,8 @@ class CLLMModule(LightningModule):
     Args:
         model: model spec for `cllm.models.load_model` (`smollm2-135m`, a local HF folder, `tiny`, ...).
         dtype: dtype of the master weights; `auto`: float32 (the compute dtype is the Trainer precision's).
-        attn_implementation: `auto` (flash_attention_2 when available on CUDA, else sdpa), `sdpa`, `eager`, ...
+        attn_implementation: `auto` (on CUDA flash_attention_2 when available, flex_attention for packed and Jacobi
+            Forcing batches; sdpa elsewhere), `sdpa`, `eager`, `flex_attention`, ...
         n: Jacobi block size: the data's (`cllm fit` links it here); None takes the data module's `n`.
         consistency: `global` (target: the model on context + fixed point) or `local` (target: next state).
         divergence: forward_kl, soft_ce or reverse_kl (see `cllm.losses.divergence`).
@@ -119,12 +121,12 @@ class CLLMModule(LightningModule):
         mesh = data_parallel_mesh(mesh) if mesh is not None else None
         folder = local_folder(hp.model) if mesh is not None and hp.meta_init else None
         if folder is not None:  # meta-device init: no rank ever holds the whole model (`cllm.sharded_load`)
-            tokenizer, attn = load_tokenizer(hp.model), resolve_attn_implementation(hp.attn_implementation)
+            tokenizer, attn = load_tokenizer(hp.model), self._attn_implementation()
             dtype = resolve_dtype(master_dtype(hp.dtype))
             model = load_sharded(folder, mesh, attn_implementation=attn, dtype=dtype, mp_policy=self._fsdp_policy)
             model.generation_config.pad_token_id = tokenizer.pad_token_id
         else:
-            dtype, attn = master_dtype(hp.dtype), hp.attn_implementation
+            dtype, attn = master_dtype(hp.dtype), self._attn_implementation()
             model, tokenizer = load_model(hp.model, dtype=dtype, attn_implementation=attn)
         self._check_tokenizer(tokenizer)
         model.config.use_cache = False  # training never needs the KV cache; saves memory
@@ -164,6 +166,8 @@ class CLLMModule(LightningModule):
         if self.n is not None and data_n is not None and self.n != data_n:
             raise UserError(f"model.init_args.n={self.n} but the data module's block size is n={data_n}; drop model.n")
         self.n = self.n or data_n
+        # packed / Jacobi Forcing rows carry 4D masks: `attn_implementation: auto` then avoids flash-attn
+        self._masked_batches = bool(getattr(getattr(self.trainer, "datamodule", None), "masked_batches", False))
         if self.n is None:
             raise UserError("model.init_args.n is not set and the data module has no block size `n`")
         self._log_precision()
@@ -201,6 +205,10 @@ class CLLMModule(LightningModule):
         needed = needed_positions(input_ids.shape, *reads) if self.hparams.sliced_logits else None
         return sliced_forward(lambda: self(input_ids, attention_mask, position_ids), self.model, needed, fused)
 
+    def _attn_implementation(self) -> str:
+        masked = getattr(self, "_masked_batches", False)  # set in `setup`; a module used without a trainer: False
+        return resolve_attn_implementation(self.hparams.attn_implementation, masked=masked)
+
     def _custom_attention_mask(self, may_attend: torch.Tensor) -> torch.Tensor:
         """The 4D mask in the form the attention takes it: boolean for sdpa, additive (0 / -inf) for eager."""
         implementation = self.model.config._attn_implementation
@@ -210,10 +218,13 @@ class CLLMModule(LightningModule):
             dtype = self.model.dtype
             blocked = torch.full(may_attend.shape, torch.finfo(dtype).min, dtype=dtype, device=may_attend.device)
             return blocked.masked_fill(may_attend, 0.0)
+        if implementation == "flex_attention":
+            return flex_block_mask(may_attend)
         raise UserError(
             f"packed and Jacobi Forcing batches (data.init_args.state_strategy: pack, jacobi_forcing) need a 4D "
             "attention mask, which "
-            f"attn_implementation {implementation!r} does not take; set model.init_args.attn_implementation: sdpa"
+            f"attn_implementation {implementation!r} does not take; set model.init_args.attn_implementation: auto "
+            "(flex_attention on CUDA, sdpa elsewhere), flex_attention or sdpa"
         )
 
     # ---------------------------------------------------------------- losses
