@@ -176,6 +176,7 @@ def main(argv: list[str] | None = None) -> None:
         "unsafe_exec": args.unsafe_exec,
         "decoders": tuple(profile.get("decoders") or ["jacobi"]),
         "repeats": profile.get("repeats", 1),
+        "compile_ar": profile.get("compile_ar", False),
     }
     models = {
         key: evaluate_model(spec, prompt_sets, **evaluation)

@@ -46,8 +46,10 @@ def markdown(results: dict) -> str:
         "",
         f"## Speed (batch 1, first {settings['speed_limit']} prompts of each set)",
         "",
-        "Speedup = the decoder's tokens/s over the fastest greedy AR (HF `generate`, KV cache) of the same model.",
+        "Speedup = the decoder's tokens/s over the fastest greedy AR of the same model: HF `generate` with its KV"
+        " cache in each dtype, and where the profile has `compile_ar`, a static cache + `torch.compile`d step too.",
         *load_lines(results),
+        *compiled_ar_lines(results),
         "",
         "| prompts | model | decoder | n | accepted tok/step | decoder tok/s | fastest AR tok/s (dtype) | speedup"
         " | = AR |",
@@ -56,7 +58,7 @@ def markdown(results: dict) -> str:
     for set_name in sets:
         for model in ("base", "cllm"):
             speed_entry = results["models"][model][set_name]["speed"]
-            fastest = speed_entry["fastest_ar_dtype"]
+            fastest = fastest_ar(speed_entry)
             for decoder, n, timed in decoder_rows(speed_entry):
                 lines.append(
                     f"| {set_name} | {model} | {decoder} | {n} | {timed['accepted_tokens_per_step']:.3f} | "
@@ -65,6 +67,27 @@ def markdown(results: dict) -> str:
                     f"{timed['speedup_vs_fastest_ar']:.2f}x | {timed['ar_agreement']:.0%} |"
                 )
     return "\n".join(lines) + "\n"
+
+
+def fastest_ar(speed_entry: dict) -> str:
+    """The baseline's name in `speed_entry["ar"]`: a dtype (eager) or "compiled DTYPE"; older reports: the dtype."""
+    return speed_entry.get("fastest_ar", speed_entry["fastest_ar_dtype"])
+
+
+def compiled_ar_lines(results: dict) -> list[str]:
+    """Compiled AR's cost and agreement with eager AR, where it was timed."""
+    lines = []
+    for model, sets in results["models"].items():
+        for set_name, entry in sets.items():
+            for name, ar in entry.get("speed", {}).get("ar", {}).items():
+                if "compile_s" in ar:
+                    lines.append(
+                        f"- {set_name}, {model}: {name} AR {ar['tokens_per_s']:.1f} tok/s after {ar['compile_s']:.0f} s"
+                        f" of compilation; = eager AR of its dtype on {ar['eager_agreement']:.0%} of the prompts"
+                    )
+            for name, error in entry.get("speed", {}).get("compile_failures", {}).items():
+                lines.append(f"- {set_name}, {model}: {name} AR failed to compile ({error})")
+    return ["", *lines] if lines else []
 
 
 def other_loads(results: dict) -> list[float]:
@@ -113,7 +136,7 @@ def summary(results: dict, output: Path) -> str:
         if "speed" in cllm:
             for label, entry in (("base", base), ("trained", cllm)):
                 decoder, n, timed = best_decoder(entry["speed"])
-                fastest = entry["speed"]["fastest_ar_dtype"]
+                fastest = fastest_ar(entry["speed"])
                 ar = entry["speed"]["ar"][fastest]["tokens_per_s"]
                 lines.append(
                     f"   {label}: best decoder {decoder} (n={n}) {timed['tokens_per_s']:.1f} tok/s vs fastest AR "

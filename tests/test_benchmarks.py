@@ -108,6 +108,18 @@ def test_summary_sets_base_beside_trained_and_names_the_fastest_decoder(headline
     assert "| json-extract | cllm | recycle | 16 |" in headline.markdown(results)
 
 
+def test_compiled_ar_is_named_as_the_baseline_with_its_compile_time(headline, tmp_path):
+    results = fake_results()
+    speed = results["models"]["cllm"]["json-extract"]["speed"]
+    speed["ar"]["compiled float32"] = {"tokens_per_s": 20.0, "dtype": "float32", "compile_s": 31.5, "eager_agreement": 1}
+    speed["fastest_ar"] = "compiled float32"
+    text = headline.markdown(results)
+    assert "| json-extract | cllm | jacobi | 16 | 1.400 | 5.0 (float32) | 20.0 (compiled float32) |" in text
+    assert "json-extract, cllm: compiled float32 AR 20.0 tok/s after 32 s of compilation; = eager AR" in text
+    assert "| json-extract | base | jacobi | 16 | 1.100 | 5.0 (float32) | 10.0 (float32) |" in text  # older entry
+    assert "vs fastest AR 20.0 tok/s (compiled float32)" in headline.summary(results, tmp_path)
+
+
 def test_ar_dtypes_resolve_auto_and_drop_duplicates(headline):
     from cllm.hardware import auto_dtype
 

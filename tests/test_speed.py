@@ -68,3 +68,35 @@ def test_speed_times_each_decoder_in_every_dtype_and_reports_its_fastest():
         assert entry["dtype"] == max(entry["by_dtype"], key=lambda d: entry["by_dtype"][d]["tokens_per_s"])
         assert all(timed["ar_agreement"] == 1.0 for timed in entry["by_dtype"].values())  # against AR in its dtype
     assert result["other_cpu_share"] is None or 0.0 <= result["other_cpu_share"] <= 1.0
+
+
+def test_compiled_ar_joins_the_baselines_and_agrees_with_eager_ar():
+    from cllm.models import load_model
+    from cllm.scoring import speed
+
+    model, tokenizer = load_model("tiny", dtype="float32")
+    prompts = [[5, 6, 7, 8], [9, 10, 11]]
+    result = speed({"float32": model}, tokenizer, prompts, max_new_tokens=6, n_values=[4], compile_ar=True)
+    assert set(result["ar"]) == {"float32", "compiled float32"}, result.get("compile_failures")
+    compiled = result["ar"]["compiled float32"]
+    assert compiled["eager_agreement"] == 1.0 and compiled["compile_s"] > 0 and compiled["dtype"] == "float32"
+    fastest = result["fastest_ar"]
+    assert fastest == max(result["ar"], key=lambda name: result["ar"][name]["tokens_per_s"])
+    assert result["fastest_ar_dtype"] == "float32"
+    jacobi = result["decoders"]["jacobi"]["4"]
+    ratio = jacobi["tokens_per_s"] / result["ar"][fastest]["tokens_per_s"]
+    assert abs(jacobi["speedup_vs_fastest_ar"] - ratio) < 1e-9
+
+
+def test_a_compiler_failure_is_a_recorded_result(monkeypatch):
+    from cllm import scoring
+    from cllm.models import load_model
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(scoring, "_compiled_ar", broken)
+    model, tokenizer = load_model("tiny", dtype="float32")
+    result = scoring.speed({"float32": model}, tokenizer, [[5, 6, 7]], max_new_tokens=4, n_values=[4], compile_ar=True)
+    assert set(result["ar"]) == {"float32"} and result["fastest_ar"] == "float32"
+    assert "no C++ compiler" in result["compile_failures"]["compiled float32"]

@@ -2,7 +2,8 @@
 
 The headline benchmark (`benchmarks/headline.py`) runs `evaluate_model` for the base model and the CLLM; the
 accepted-tokens callback shares `common_prefix_fraction` and `has_repeated_run`; decoding goes through
-`cllm.jacobi.decode_batched` and the AR baseline is `cllm.bench.greedy_ar`, as in `cllm bench`.
+`cllm.jacobi.decode_batched` and the AR baselines are `cllm.bench.greedy_ar` and, with `compile_ar`,
+`cllm.compiled.static_greedy_ar`, as in `cllm bench --compile`.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import time
 
 from cllm.bench import greedy_ar
+from cllm.compiled import static_greedy_ar
 from cllm.data_modules.json_extract import score_output
 from cllm.data_modules.prompts import encode_prompts
 from cllm.decoders import decode_batched
@@ -71,34 +73,64 @@ def speed(
     n_values: list[int],
     decoders: tuple[str, ...] = ("jacobi",),
     repeats: int = 1,
+    compile_ar: bool = False,
 ) -> dict:
-    """Per prompt, batch 1: greedy AR in every dtype (the fastest is the baseline) and each decoder (default options,
-    see docs/decoding.md) for each n in every dtype too, reported in its fastest (`by_dtype` holds them all: on an
-    AMX CPU a 1-token pass is cheapest in float32 and an n-token pass in bf16); each prompt's time is the fastest
-    of `repeats` runs; "= AR" compares with greedy AR in the decoder's own dtype. `result["decoders"][name][n]`;
-    `result["jacobi"]` is `result["decoders"]["jacobi"]` when it was timed; `result["other_cpu_share"]`: the CPU
-    share other processes used meanwhile (`cllm.hardware.OtherLoad`; above 0.1 the timings are not this machine's
-    speed)."""
+    """Per prompt, batch 1: greedy AR in every dtype, eager HF `generate` and with `compile_ar` also a static cache
+    + `torch.compile`d step (`cllm.compiled`; `result["ar"]["compiled DTYPE"]`); the fastest of them all is the
+    baseline (`result["fastest_ar"]`). Each decoder (default options, see docs/decoding.md) runs for each n in every
+    dtype too and is reported in its fastest (`by_dtype` holds them all: on an AMX CPU a 1-token pass is cheapest in
+    float32 and an n-token pass in bf16); each prompt's time is the fastest of `repeats` runs; "= AR" compares with
+    eager greedy AR in the decoder's own dtype. `result["decoders"][name][n]`; `result["jacobi"]` is
+    `result["decoders"]["jacobi"]` when it was timed; `result["other_cpu_share"]`: the CPU share other processes
+    used meanwhile (`cllm.hardware.OtherLoad`; above 0.1 the timings are not this machine's speed)."""
     with OtherLoad() as load:
-        result = _speed(models, tokenizer, prompt_ids, max_new_tokens, n_values, decoders, repeats)
+        result = _speed(models, tokenizer, prompt_ids, max_new_tokens, n_values, decoders, repeats, compile_ar)
     result["other_cpu_share"] = load.share
     result["repeats"] = repeats
     return result
 
 
-def _speed(models, tokenizer, prompt_ids, max_new_tokens, n_values, decoders, repeats) -> dict:
+def _compiled_ar(model, prompts, *, max_new_tokens: int, eos, pad_token_id: int, max_len: int) -> list[list[int]]:
+    """`static_greedy_ar` with `greedy_ar`'s arguments; `max_len` slots, so that one graph serves every prompt."""
+    return static_greedy_ar(
+        model, prompts, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad_token_id, max_len=max_len
+    )
+
+
+def _ar_entry(runs: list) -> dict:
+    tokens, seconds = [len(out[0]) for out, _ in runs], [s for _, s in runs]
+    return {
+        "tokens_per_s": sum(tokens) / sum(seconds),
+        "per_prompt_tokens_per_s": [t / s for t, s in zip(tokens, seconds)],
+        "outputs": [out[0] for out, _ in runs],
+    }
+
+
+def _speed(models, tokenizer, prompt_ids, max_new_tokens, n_values, decoders, repeats, compile_ar=False) -> dict:
     eos, pad = eos_ids(next(iter(models.values())), tokenizer), tokenizer.pad_token_id
     timing = {"eos": eos, "pad_token_id": pad, "max_new_tokens": max_new_tokens, "repeats": repeats}
     result: dict = {"ar": {}, "decoders": {name: {} for name in decoders}}
+    max_len = max(len(p) for p in prompt_ids) + max_new_tokens
     for dtype, model in models.items():
         greedy_ar(model, prompt_ids[:1], max_new_tokens=4, eos=eos, pad_token_id=pad)  # warm-up
-        runs = [_timed(greedy_ar, model, [p], **timing) for p in prompt_ids]
-        tokens, seconds = [len(out[0]) for out, _ in runs], [s for _, s in runs]
-        result["ar"][dtype] = {
-            "tokens_per_s": sum(tokens) / sum(seconds),
-            "per_prompt_tokens_per_s": [t / s for t, s in zip(tokens, seconds)],
-            "outputs": [out[0] for out, _ in runs],
+        result["ar"][dtype] = _ar_entry([_timed(greedy_ar, model, [p], **timing) for p in prompt_ids]) | {
+            "dtype": dtype
         }
+        if not compile_ar:
+            continue
+        name, start = f"compiled {dtype}", time.perf_counter()
+        try:  # the first call compiles the [1, 1] step for these max_len slots
+            _compiled_ar(model, prompt_ids[:1], max_new_tokens=4, eos=eos, pad_token_id=pad, max_len=max_len)
+        except Exception as err:  # noqa: BLE001 -- a compiler that fails here is a result, not a crash
+            result.setdefault("compile_failures", {})[name] = f"{type(err).__name__}: {str(err)[:300]}"
+            continue
+        compile_s = time.perf_counter() - start
+        runs = [_timed(_compiled_ar, model, [p], max_len=max_len, **timing) for p in prompt_ids]
+        entry = _ar_entry(runs) | {"dtype": dtype, "compile_s": compile_s}
+        entry["eager_agreement"] = sum(
+            a == b for a, b in zip(entry["outputs"], result["ar"][dtype]["outputs"])
+        ) / len(runs)
+        result["ar"][name] = entry
     fastest = max(result["ar"], key=lambda d: result["ar"][d]["tokens_per_s"])
     ar = result["ar"][fastest]
     for name, n in ((name, n) for name in decoders for n in n_values):
@@ -109,7 +141,7 @@ def _speed(models, tokenizer, prompt_ids, max_new_tokens, n_values, decoders, re
         }
         best = max(by_dtype, key=lambda d: by_dtype[d]["tokens_per_s"])
         result["decoders"][name][str(n)] = by_dtype[best] | {"by_dtype": by_dtype}
-    result["fastest_ar_dtype"] = fastest
+    result["fastest_ar"], result["fastest_ar_dtype"] = fastest, ar["dtype"]
     if "jacobi" in result["decoders"]:
         result["jacobi"] = result["decoders"]["jacobi"]
     for entry in result["ar"].values():
@@ -153,11 +185,12 @@ def evaluate_model(
     unsafe_exec: bool = False,
     decoders: tuple[str, ...] = ("jacobi",),
     repeats: int = 1,
+    compile_ar: bool = False,
 ) -> dict:
     """Per prompt set: acceptance at block size `n` (one batched Jacobi run; Jacobi is lossless, so its outputs are
     the model's greedy outputs and the quality figures come from the same run), degenerate rate, quality, and with
     `speed_limit` > 0 the batch-1 speed of the first `speed_limit` prompts (`speed`: each of `decoders` at every n
-    in `n_values`, the fastest of `repeats` runs per prompt)."""
+    in `n_values`, the fastest of `repeats` runs per prompt; `compile_ar`: compiled greedy AR joins the baselines)."""
     models = {}
     for dtype in dtypes:
         models[dtype], tokenizer = load_model(spec, dtype=dtype)
@@ -184,7 +217,7 @@ def evaluate_model(
         }
         if speed_limit > 0:
             entry["speed"] = speed(
-                models, tokenizer, ids[:speed_limit], max_new_tokens, n_values or [n], decoders, repeats
+                models, tokenizer, ids[:speed_limit], max_new_tokens, n_values or [n], decoders, repeats, compile_ar
             )
         texts = [tokenizer.decode(o, skip_special_tokens=True) for o in outputs]
         entry["quality"] = quality(name, prompts, texts, unsafe_exec)
