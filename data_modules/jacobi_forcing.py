@@ -13,8 +13,9 @@ pair carry the same positions, those of block j unpacked. Who sees whom (`may_at
     noisy_j  -> context, fixed_i of earlier noise windows, noisy_i (i < j) of its own window
 
 Noise windows are the blocks `block_index // window`. A state's noise ratio is (n - first index differing from
-the fixed point) / n; block j targets `linspace(noise_min, noise_max, window)[j % window]` (`progressive`) or a
-random entry of it (`random`), and takes the state nearest that ratio (the fixed point itself is a candidate:
+the fixed point) / n; block j targets `linspace(noise_min, noise_max, window)[j % window]` (`progressive`), the
+same grid rotated by a phase drawn per row and epoch (`shifted`: entry (j + phase) % window), or a random entry of
+it (`random`), and takes the state nearest that ratio (the fixed point itself is a candidate:
 ratio 0, no consistency term). Tokens after an EOS inside a block are padding: no real token attends to them.
 """
 
@@ -30,7 +31,7 @@ from cllm.data_modules.collate import padded
 from cllm.errors import UserError
 from cllm.records import Record
 
-SCHEDULES = ("progressive", "random")
+SCHEDULES = ("progressive", "shifted", "random")
 CONTEXT, NOISY, FIXED, PADDING = 0, 1, 2, -1  # token kinds of a row
 
 
@@ -40,7 +41,9 @@ class NoiseSchedule:
 
     Args:
         window: blocks per noise window (JF's `w`): noisy blocks see the noisy blocks before them in theirs.
-        schedule: `progressive` (block j targets ratio grid[j % window], JF's default) or `random` (a random one).
+        schedule: `progressive` (block j targets ratio grid[j % window], JF's default), `shifted` (grid[(j + phase)
+            % window], the phase drawn per row and epoch: the ramp of `progressive`, but every block meets every
+            ratio over the epochs instead of the same pair each epoch) or `random` (a random entry per block).
         noise_min, noise_max: ends of the ratio grid `linspace(noise_min, noise_max, window)`.
         synthesise: when the nearest state's ratio is more than 1/n away from the target, build a state at the
             target instead: the fixed point up to the target index, then tokens drawn from the context.
@@ -63,11 +66,16 @@ class NoiseSchedule:
                 f"{self.noise_min}, {self.noise_max}"
             )
 
-    def target_ratio(self, block_index: int, rng: random.Random) -> float:
-        """The noise ratio block `block_index` targets."""
+    def target_ratio(self, block_index: int, rng: random.Random, phase: int = 0) -> float:
+        """The noise ratio block `block_index` targets (`phase`: the row's rotation of the grid, `shifted`)."""
         grid = torch.linspace(self.noise_min, self.noise_max, self.window).tolist()
-        slot = block_index % self.window if self.schedule == "progressive" else rng.randrange(self.window)
-        return grid[slot]
+        if self.schedule == "random":
+            return grid[rng.randrange(self.window)]
+        return grid[(block_index + (phase if self.schedule == "shifted" else 0)) % self.window]
+
+    def row_phase(self, rng: random.Random) -> int:
+        """The grid rotation of one row (drawn once per row, so that its blocks still ramp; 0 unless `shifted`)."""
+        return rng.randrange(self.window) if self.schedule == "shifted" else 0
 
 
 @dataclass
@@ -173,8 +181,10 @@ def build_row(
     context = records[0].context
     cut = max(len(context) - (max_length - 2 * n), 0)
     row = ForcingRow(context[cut:], max(len(records[0].prompt_ids) - cut, 0), continues=not first)
+    phase = schedule.row_phase(rng)
     for record in records:
-        noisy = pick_noisy_state(record, schedule.target_ratio(record.block_index, rng), rng, schedule.synthesise)
+        target = schedule.target_ratio(record.block_index, rng, phase)
+        noisy = pick_noisy_state(record, target, rng, schedule.synthesise)
         end = eos_end(record.fixed_point, eos_token_id)
         length = n if end is None else end
         window = record.block_index // schedule.window

@@ -71,7 +71,8 @@ class TrajectoryDataModule(LightningDataModule):
             (Jacobi Forcing, `cllm.data_modules.jacobi_forcing`; global consistency and AR on the fixed points).
         pack_states: with `pack`, the number k of non-final states drawn per record (all when it has fewer).
         forcing_window: with `jacobi_forcing`, blocks per noise window (JF's w).
-        forcing_schedule: `progressive` (block j targets noise ratio linspace(min, max, w)[j % w]) or `random`.
+        forcing_schedule: `progressive` (block j targets noise ratio linspace(min, max, w)[j % w]), `shifted` (the
+            grid rotated by a phase drawn per row and epoch) or `random`.
         forcing_noise_min, forcing_noise_max: the ends of that noise-ratio grid.
         forcing_synthesise: build a state at the target ratio when the trajectory has none within 1/n.
         next_state: also collate the next state (local consistency loss); augmented states are then unused.

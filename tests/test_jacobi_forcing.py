@@ -144,6 +144,22 @@ def test_progressive_schedule_picks_the_state_nearest_the_target_ratio():
     assert len(ratios) == 4
 
 
+def test_shifted_schedule_rotates_the_ramp_per_row_so_every_block_meets_every_ratio():
+    n = 4
+    records = response("a", [1, 5], n, 4, torch.Generator().manual_seed(0))
+    shifted = jf.NoiseSchedule(window=4, schedule="shifted")
+    seen = {}  # phase -> the row's ratios
+    for seed in range(40):
+        row = jf.build_row(records, shifted, random.Random(seed), n=n, max_length=100, eos_token_id=None)
+        ratios = [jf.noise_ratio(pair.noisy, pair.fixed) for pair in row.pairs]
+        seen[ratios.index(0.0)] = ratios
+    assert len(seen) == 4  # each block got the fixed point (ratio 0) in some row
+    progressive = [0.0, 0.25, 0.75, 1.0]  # as in the progressive test: the same ramp, rotated
+    for zero_at, ratios in seen.items():
+        assert ratios == progressive[-zero_at:] + progressive[:-zero_at] if zero_at else ratios == progressive
+    assert jf.NoiseSchedule(window=4).row_phase(random.Random(0)) == 0  # progressive: no rotation
+
+
 def test_synthesised_state_sits_at_the_target_ratio_when_the_trajectory_has_none():
     fixed = [10, 11, 12, 13, 14, 15, 16, 17]
     fast = Record("a", 0, [1, 5, 6, 7], [], [[10, 11, 12, 13, 14, 15, 99, 98], fixed])  # converged in one step
