@@ -11,7 +11,11 @@ Sections (each records its error instead of stopping the others):
    activation checkpointing) training steps at a 1B and a 7B Llama shape with random weights: tokens/s and MFU
    (`cllm.callbacks.throughput` FLOP count over `cllm.hardware.peak_flops`);
 4. jacobi: SmolLM2-135M greedy AR vs Jacobi in bf16, eager and torch.compile'd: accepted tokens per step (TPF) and
-   tokens/s (`cllm.bench.compare`).
+   tokens/s (`cllm.bench.compare`);
+5. forcing_flex: a Jacobi Forcing row's 4D mask (a 256-token prompt, then noisy|fixed pairs of 16-token blocks, noise
+   window 4) through sdpa (the boolean mask) and FlexAttention (the mask as a `BlockMask`, `cllm.models.
+   flex_block_mask`) in bf16 at the 1B shape (2 layers): forward+backward ms each (forward only on the CPU dry run)
+   and the logits' largest gap.
 Without CUDA (and without --dry-run-cpu) it refuses in one line and exits 2.
 """
 
@@ -128,6 +132,51 @@ def jacobi_check(device: str, spec: str, prompts: int, n: int, max_new_tokens: i
     return {"model": spec, "compiled": compiled, "n": n, "prompts": prompts, **figures}
 
 
+def forcing_row_mask(context: int, blocks: int, n: int, window: int) -> torch.Tensor:
+    """[1, 1, L, L] may-attend mask of one Jacobi Forcing row (`cllm.data_modules.jacobi_forcing.may_attend`)."""
+    from cllm.data_modules.jacobi_forcing import CONTEXT, FIXED, NOISY, may_attend
+
+    kinds, pairs, windows = [CONTEXT] * context, [-1] * context, [-1] * context
+    for block in range(blocks):
+        for kind in (NOISY, FIXED):
+            kinds += [kind] * n
+            pairs += [block] * n
+            windows += [block // window] * n
+    rows = [torch.tensor([values]) for values in (kinds, pairs, windows)]
+    return may_attend(*rows)[:, None]
+
+
+def forcing_flex_check(device: str, shape: str, context: int, blocks: int, n: int, repeats: int) -> dict:
+    from cllm.models import flex_block_mask
+
+    may_attend = forcing_row_mask(context, blocks, n, window=4).to(device)
+    length = may_attend.shape[-1]
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32  # FlexAttention on CPU: float32 and lower
+    model = llama(shape, device, dtype, layers=2)
+    ids = torch.randint(0, model.config.vocab_size, (1, length), device=device)
+    backward = device == "cuda"  # FlexAttention has no backward on the CPU
+    figures, logits = {"length": length, "blocks": blocks, "n": n, "backward": backward}, {}
+    for attention in ("sdpa", "flex_attention"):
+        model.config._attn_implementation = attention
+        mask = may_attend if attention == "sdpa" else flex_block_mask(may_attend)
+        times = []
+        for _ in range(repeats + 1):  # the first run compiles (flex) / warms up
+            synchronize(device)
+            start = time.perf_counter()
+            with torch.set_grad_enabled(backward):
+                out = model(input_ids=ids, attention_mask=mask).logits
+            if backward:
+                out.float().square().mean().backward()
+            synchronize(device)
+            times.append(time.perf_counter() - start)
+        logits[attention] = out.detach().float()
+        figures[f"{attention}_ms"] = 1000 * min(times[1:])
+        model.zero_grad(set_to_none=True)
+    figures["max_abs_logit_gap"] = float((logits["flex_attention"] - logits["sdpa"]).abs().max())
+    figures["flex_over_sdpa"] = figures["flex_attention_ms"] / figures["sdpa_ms"]
+    return figures
+
+
 def synchronize(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -141,6 +190,7 @@ def sections(dry_run: bool) -> dict:
             "pass_cost": lambda: pass_cost_check(device, "tiny", None, repeats=1),
             "train_step_tiny": lambda: train_step_check(device, "tiny", rows=2, length=16, steps=1),
             "jacobi_eager": lambda: jacobi_check(device, "tiny", prompts=1, n=4, max_new_tokens=8, compiled=False),
+            "forcing_flex": lambda: forcing_flex_check(device, "tiny", context=8, blocks=4, n=4, repeats=1),
         }
     return {
         "flash_attn": lambda: flash_attn_check(device),
@@ -149,6 +199,7 @@ def sections(dry_run: bool) -> dict:
         "train_step_7b": lambda: train_step_check(device, "7b", rows=1, length=2048, steps=3),
         "jacobi_eager": lambda: jacobi_check(device, "smollm2-135m", 8, n=16, max_new_tokens=128, compiled=False),
         "jacobi_compiled": lambda: jacobi_check(device, "smollm2-135m", 8, n=16, max_new_tokens=128, compiled=True),
+        "forcing_flex": lambda: forcing_flex_check(device, "1b", context=256, blocks=32, n=16, repeats=3),
     }
 
 
