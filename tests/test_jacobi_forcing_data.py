@@ -166,3 +166,16 @@ def test_auto_attention_keeps_flash_attn_away_from_4d_masks(tmp_path, monkeypatc
     assert models.resolve_attn_implementation("auto", masked=True) == "flex_attention"
     assert models.resolve_attn_implementation("auto") == "flash_attention_2"
     assert models.resolve_attn_implementation("eager", masked=True) == "eager"
+
+
+def test_the_module_reads_masked_batches_from_its_data_module(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from cllm import models
+
+    make_responses(tmp_path)
+    module = CLLMModule(model="tiny", dtype="float32", n=N)
+    module._trainer = SimpleNamespace(datamodule=forcing_data(tmp_path))
+    module.setup("fit")
+    monkeypatch.setattr(models.torch.cuda, "is_available", lambda: True)
+    assert module._masked_batches and module._attn_implementation() == "flex_attention"

@@ -111,6 +111,7 @@ class CLLMModule(LightningModule):
         # values. It is the data's: `cllm fit` links it here; None reads the data module's in `setup`.
         self.save_hyperparameters(ignore=["n"])
         self.model, self.tokenizer, self.n = None, None, n
+        self._masked_batches = False  # the data's batches carry 4D masks (read in `setup`)
 
     # ---------------------------------------------------------------- model
     def configure_model(self) -> None:
@@ -206,11 +207,11 @@ class CLLMModule(LightningModule):
         return sliced_forward(lambda: self(input_ids, attention_mask, position_ids), self.model, needed, fused)
 
     def _attn_implementation(self) -> str:
-        masked = getattr(self, "_masked_batches", False)  # set in `setup`; a module used without a trainer: False
-        return resolve_attn_implementation(self.hparams.attn_implementation, masked=masked)
+        return resolve_attn_implementation(self.hparams.attn_implementation, masked=self._masked_batches)
 
     def _custom_attention_mask(self, may_attend: torch.Tensor) -> torch.Tensor:
-        """The 4D mask in the form the attention takes it: boolean for sdpa, additive (0 / -inf) for eager."""
+        """The 4D mask in the form the attention takes it: boolean for sdpa, additive (0 / -inf) for eager, a
+        `BlockMask` for flex_attention."""
         implementation = self.model.config._attn_implementation
         if implementation == "sdpa":
             return may_attend
