@@ -24,7 +24,13 @@ from cllm.data_modules.collate import collate, collate_packed
 from cllm.data_modules.jacobi_forcing import NoiseSchedule, collate_forcing
 from cllm.data_modules.jacobi_forcing import samples_per_line as forcing_samples_per_line
 from cllm.data_modules.prompts import Prompt, load_prompts
-from cllm.data_modules.trajectory_stream import STATE_STRATEGIES, EpochDataLoader, TrajectoryStream, samples_per_record
+from cllm.data_modules.trajectory_stream import (
+    ROW_STRATEGIES,
+    STATE_STRATEGIES,
+    EpochDataLoader,
+    TrajectoryStream,
+    samples_per_record,
+)
 from cllm.errors import UserError
 from cllm.files import atomic_write_bytes, iter_lines, unit_hash
 from cllm.models import load_tokenizer, tokenizer_fingerprint, weights_fingerprint
@@ -117,7 +123,7 @@ class TrajectoryDataModule(LightningDataModule):
         super().__init__()
         if state_strategy not in STATE_STRATEGIES:
             raise UserError(f"state_strategy {state_strategy!r} is not one of {STATE_STRATEGIES}")
-        if state_strategy in ("pack", "jacobi_forcing") and (next_state or use_labels):
+        if state_strategy in ROW_STRATEGIES and (next_state or use_labels):
             raise UserError(
                 f"data.init_args.state_strategy={state_strategy} supports global consistency and AR on the fixed "
                 "point only: set next_state and use_labels to false (or use another state_strategy)"
@@ -156,7 +162,7 @@ class TrajectoryDataModule(LightningDataModule):
     @property
     def masked_batches(self) -> bool:
         """Whether batches carry a 4D may-attend mask (packed and Jacobi Forcing rows), which flash-attn cannot take."""
-        return self.hparams.state_strategy in ("pack", "jacobi_forcing")
+        return self.hparams.state_strategy in ROW_STRATEGIES
 
     def prepare_data(self) -> None:
         """Collect the trajectories (one process, batched) when the folder has no manifest yet."""

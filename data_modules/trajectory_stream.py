@@ -29,6 +29,7 @@ from cllm.files import iter_lines, unit_hash
 from cllm.records import Record, parse_record
 
 STATE_STRATEGIES = ("uniform", "all", "noise", "pack", "jacobi_forcing")
+ROW_STRATEGIES = ("pack", "jacobi_forcing")  # several states per row: a 4D may-attend mask, fixed-point targets only
 
 
 def is_validation(prompt_id: str, threshold: float) -> bool:

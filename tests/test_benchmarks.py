@@ -111,7 +111,8 @@ def test_summary_sets_base_beside_trained_and_names_the_fastest_decoder(headline
 def test_compiled_ar_is_named_as_the_baseline_with_its_compile_time(headline, tmp_path):
     results = fake_results()
     speed = results["models"]["cllm"]["json-extract"]["speed"]
-    speed["ar"]["compiled float32"] = {"tokens_per_s": 20.0, "dtype": "float32", "compile_s": 31.5, "eager_agreement": 1}
+    compiled = {"tokens_per_s": 20.0, "dtype": "float32", "compile_s": 31.5, "eager_agreement": 1}
+    speed["ar"]["compiled float32"] = compiled
     speed["fastest_ar"] = "compiled float32"
     text = headline.markdown(results)
     assert "| json-extract | cllm | jacobi | 16 | 1.400 | 5.0 (float32) | 20.0 (compiled float32) |" in text

@@ -139,7 +139,10 @@ def test_sliced_logits_give_the_full_logits_losses_and_gradients(tmp_path):
         torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6 * theirs.abs().max().item())
 
 
-@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("clang++") is None, reason="inductor needs a C++ compiler")
+NO_COMPILER = shutil.which("g++") is None and shutil.which("clang++") is None
+
+
+@pytest.mark.skipif(NO_COMPILER, reason="inductor needs a C++ compiler")
 def test_flex_attention_takes_the_forcing_mask_as_a_block_mask(tmp_path):
     """What `attn_implementation: auto` picks for these batches on CUDA; on CPU FlexAttention runs float32 only."""
     make_responses(tmp_path)
