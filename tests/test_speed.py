@@ -95,7 +95,7 @@ def test_a_compiler_failure_is_a_recorded_result(monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("no C++ compiler")
 
-    monkeypatch.setattr(scoring, "_compiled_ar", broken)
+    monkeypatch.setattr(scoring, "compiled_ar", broken)
     model, tokenizer = load_model("tiny", dtype="float32")
     result = scoring.speed({"float32": model}, tokenizer, [[5, 6, 7]], max_new_tokens=4, n_values=[4], compile_ar=True)
     assert set(result["ar"]) == {"float32"} and result["fastest_ar"] == "float32"

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from cllm.arguments import parse_settings
-from cllm.compiled import jacobi_slots, static_greedy_ar, static_jacobi_generate
+from cllm.compiled import compiled_ar, jacobi_slots, static_jacobi_generate
 from cllm.data_modules.prompts import encode_prompts, load_prompts
 from cllm.decoders import decode_batched
 from cllm.errors import UserError
@@ -122,14 +122,7 @@ def ar_variants(model, dtypes: list[str], compile: bool, **kwargs) -> dict[str, 
         if compile:
 
             def compiled(batch, variant=variant):
-                tokens = static_greedy_ar(
-                    variant,
-                    batch,
-                    max_new_tokens=kwargs["max_new_tokens"],
-                    eos_token_id=kwargs["eos"],
-                    pad_token_id=kwargs["pad_token_id"],
-                    max_len=kwargs["max_len"],
-                )
+                tokens = compiled_ar(variant, batch, **kwargs)
                 return tokens, [[1] * len(t) for t in tokens]
 
             variants[f"compiled {name}"] = compiled

@@ -136,6 +136,14 @@ def static_greedy_ar(
         start, positions = start + 1, positions + 1
 
 
+def compiled_ar(model, prompts: Prompts, *, max_new_tokens: int, eos, pad_token_id: int, max_len: int) -> list[list]:
+    """`static_greedy_ar` called with `cllm.bench.greedy_ar`'s arguments (`eos`: the id or ids that end a row), with
+    `max_len` slots so that one compiled graph serves every prompt of a benchmark."""
+    return static_greedy_ar(
+        model, prompts, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad_token_id, max_len=max_len
+    )
+
+
 @torch.no_grad()
 def static_jacobi_generate(
     model: torch.nn.Module, prompts: Prompts, options: DecodeOptions, *, compile: bool = True, max_len: int = 0

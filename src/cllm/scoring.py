@@ -3,7 +3,7 @@
 The headline benchmark (`benchmarks/headline.py`) runs `evaluate_model` for the base model and the CLLM; the
 accepted-tokens callback shares `common_prefix_fraction` and `has_repeated_run`; decoding goes through
 `cllm.jacobi.decode_batched` and the AR baselines are `cllm.bench.greedy_ar` and, with `compile_ar`,
-`cllm.compiled.static_greedy_ar`, as in `cllm bench --compile`.
+`cllm.compiled.compiled_ar` (static cache, compiled step), as in `cllm bench --compile`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 
 from cllm.bench import greedy_ar
-from cllm.compiled import static_greedy_ar
+from cllm.compiled import compiled_ar
 from cllm.data_modules.json_extract import score_output
 from cllm.data_modules.prompts import encode_prompts
 from cllm.decoders import decode_batched
@@ -90,13 +90,6 @@ def speed(
     return result
 
 
-def _compiled_ar(model, prompts, *, max_new_tokens: int, eos, pad_token_id: int, max_len: int) -> list[list[int]]:
-    """`static_greedy_ar` with `greedy_ar`'s arguments; `max_len` slots, so that one graph serves every prompt."""
-    return static_greedy_ar(
-        model, prompts, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad_token_id, max_len=max_len
-    )
-
-
 def _ar_entry(runs: list) -> dict:
     tokens, seconds = [len(out[0]) for out, _ in runs], [s for _, s in runs]
     return {
@@ -120,12 +113,12 @@ def _speed(models, tokenizer, prompt_ids, max_new_tokens, n_values, decoders, re
             continue
         name, start = f"compiled {dtype}", time.perf_counter()
         try:  # the first call compiles the [1, 1] step for these max_len slots
-            _compiled_ar(model, prompt_ids[:1], max_new_tokens=4, eos=eos, pad_token_id=pad, max_len=max_len)
+            compiled_ar(model, prompt_ids[:1], max_new_tokens=4, eos=eos, pad_token_id=pad, max_len=max_len)
         except Exception as err:  # noqa: BLE001 -- a compiler that fails here is a result, not a crash
             result.setdefault("compile_failures", {})[name] = f"{type(err).__name__}: {str(err)[:300]}"
             continue
         compile_s = time.perf_counter() - start
-        runs = [_timed(_compiled_ar, model, [p], max_len=max_len, **timing) for p in prompt_ids]
+        runs = [_timed(compiled_ar, model, [p], max_len=max_len, **timing) for p in prompt_ids]
         entry = _ar_entry(runs) | {"dtype": dtype, "compile_s": compile_s}
         eager = result["ar"][dtype]["outputs"]
         entry["eager_agreement"] = sum(a == b for a, b in zip(entry["outputs"], eager)) / len(runs)
