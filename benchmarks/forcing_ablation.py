@@ -42,7 +42,7 @@ DOMAINS = {
     "json": {"overlays": ["domains/json-extract.yaml"], "set": "json-extract", "test": "json-extract:test"},
     "code": {"overlays": [], "set": "stdlib-code", "test": "stdlib-code:test"},
 }
-BEGIN, END = "<!-- forcing-ablation:begin -->", "<!-- forcing-ablation:end -->"
+BEGIN, END = "<!-- forcing-ablation:begin -->", "<!-- forcing-ablation:end -->"  # json's; other domains: markers()
 CURVES = ("val/accepted_tokens_per_step", "val/base_agreement", "val/degenerate_rate")
 
 
@@ -238,7 +238,7 @@ def main() -> None:
     parser.add_argument("--fit-only", action="store_true", help="train and export the variants, no report")
     parser.add_argument("--skip-test", action="store_true", help="report the validation curves only (no decoding)")
     parser.add_argument(
-        "--headline", type=Path, help="also put the tables between the forcing-ablation markers of this markdown file"
+        "--headline", type=Path, help="also put the tables between this domain's markers (markers()) in this file"
     )
     parser.add_argument("fit_args", nargs="*", help="extra overrides for every `cllm fit` (after --)")
     args = parser.parse_args()
@@ -293,20 +293,28 @@ def main() -> None:
     (output / "results.md").write_text(markdown(results))
     print(markdown(results))
     if args.headline:
-        insert_tables(args.headline, markdown(results), output)
+        insert_tables(args.headline, markdown(results), output, results["domain"])
 
 
-def insert_tables(path: Path, report: str, output: Path) -> None:
-    """Replace what stands between BEGIN and END in `path` with the report's tables (its title dropped)."""
+def markers(domain: str) -> tuple[str, str]:
+    """The markdown markers a domain's tables go between: json's are BEGIN/END, code's `forcing-ablation-code:...`."""
+    if domain == "json":
+        return BEGIN, END
+    return f"<!-- forcing-ablation-{domain}:begin -->", f"<!-- forcing-ablation-{domain}:end -->"
+
+
+def insert_tables(path: Path, report: str, output: Path, domain: str = "json") -> None:
+    """Replace what stands between the domain's markers in `path` with the report's tables (its title dropped)."""
     text = path.read_text()
-    if BEGIN not in text or END not in text:
-        raise SystemExit(f"{path}: no {BEGIN} ... {END} markers to put the tables between")
+    begin, end = markers(domain)
+    if begin not in text or end not in text:
+        raise SystemExit(f"{path}: no {begin} ... {end} markers to put the tables between")
     body = report.split("\n", 1)[1].replace("## ", "#### ")
     picture = output / "validation_curves.png"
     plot = f"![validation curves]({os.path.relpath(picture, path.parent)})" if picture.is_file() else ""
-    head, rest = text.split(BEGIN, 1)
-    tail = rest.split(END, 1)[1]
-    path.write_text(f"{head}{BEGIN}\n{body.strip()}\n\n{plot}\n{END}{tail}")
+    head, rest = text.split(begin, 1)
+    tail = rest.split(end, 1)[1]
+    path.write_text(f"{head}{begin}\n{body.strip()}\n\n{plot}\n{end}{tail}")
 
 
 if __name__ == "__main__":
