@@ -42,7 +42,6 @@ DOMAINS = {
     "json": {"overlays": ["domains/json-extract.yaml"], "set": "json-extract", "test": "json-extract:test"},
     "code": {"overlays": [], "set": "stdlib-code", "test": "stdlib-code:test"},
 }
-BEGIN, END = "<!-- forcing-ablation:begin -->", "<!-- forcing-ablation:end -->"  # json's; other domains: markers()
 CURVES = ("val/accepted_tokens_per_step", "val/base_agreement", "val/degenerate_rate")
 
 
@@ -297,13 +296,11 @@ def main() -> None:
 
 
 def markers(domain: str) -> tuple[str, str]:
-    """The markdown markers a domain's tables go between: json's are BEGIN/END, code's `forcing-ablation-code:...`."""
-    if domain == "json":
-        return BEGIN, END
+    """The markdown markers a domain's tables go between, e.g. `<!-- forcing-ablation-code:begin -->`."""
     return f"<!-- forcing-ablation-{domain}:begin -->", f"<!-- forcing-ablation-{domain}:end -->"
 
 
-def insert_tables(path: Path, report: str, output: Path, domain: str = "json") -> None:
+def insert_tables(path: Path, report: str, output: Path, domain: str) -> None:
     """Replace what stands between the domain's markers in `path` with the report's tables (its title dropped)."""
     text = path.read_text()
     begin, end = markers(domain)

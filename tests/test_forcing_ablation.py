@@ -70,14 +70,15 @@ def test_gains_and_the_tables_between_the_headline_markers(tmp_path):
     text = script.markdown(results)
     assert "| 40 | +0.200 | +0.350 | 1.75x |" in text
     headline = tmp_path / "headline.md"
-    headline.write_text(f"before\n{script.BEGIN}\nold\n{script.END}\nafter\n")
-    script.insert_tables(headline, text, tmp_path / "results")
+    json_begin, json_end = script.markers("json")
+    headline.write_text(f"before\n{json_begin}\nold\n{json_end}\nafter\n")
+    script.insert_tables(headline, text, tmp_path / "results", "json")
     inserted = headline.read_text()
     assert inserted.startswith("before\n") and inserted.endswith("after\n") and "old" not in inserted
     assert "| jacobi_forcing | 1.400 | +0.300 |" in inserted
     code = tmp_path / "both.md"  # each domain has its own markers, so both ablations fit in one file
     begin, end = script.markers("code")
-    code.write_text(f"{script.BEGIN}\njson\n{script.END}\n{begin}\nold\n{end}\n")
+    code.write_text(f"{json_begin}\njson\n{json_end}\n{begin}\nold\n{end}\n")
     script.insert_tables(code, text.replace("on json", "on code"), tmp_path / "results", "code")
     assert "json" in code.read_text().split(begin)[0] and "old" not in code.read_text()
     with pytest.raises(SystemExit, match="forcing-ablation-code:begin"):
