@@ -38,7 +38,7 @@ from cllm.data_modules.prompts import load_prompts
 from cllm.errors import UserError
 from cllm.evaluation import require_sandbox
 from cllm.files import write_json
-from cllm.hardware import auto_dtype, recorded_cpu_flags
+from cllm.hardware import auto_dtype, emulate_avx2, recorded_cpu_flags
 from cllm.records import block_size
 from cllm.scoring import compare_with_base, evaluate_model
 from cllm.tracking import read_metrics_csv
@@ -110,6 +110,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--speed-limit", type=int, default=None, help="prompts per set timed (0: no timing)")
     parser.add_argument("--report-only", action="store_true", help="re-render --output's results.json")
     parser.add_argument(
+        "--emulate-avx2",
+        action="store_true",
+        help="run as on an AVX2-only CPU (PyTorch, oneDNN and MKL capped at AVX2; recorded beside the CPU flags)",
+    )
+    parser.add_argument(
         "--unsafe-exec",
         action="store_true",
         help="run model-written HumanEval code even without the bubblewrap sandbox (only on a throwaway machine)",
@@ -120,6 +125,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.emulate_avx2:
+        emulate_avx2([sys.argv[0], *(sys.argv[1:] if argv is None else argv)])
     started = time.perf_counter()
     name = "quick" if args.quick else args.profile
     profile, overlay = load_profile(args.suite, name)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from jsonargparse import Namespace
@@ -154,3 +158,41 @@ def test_other_load_alone_and_unreadable(tmp_path):
     with missing:
         pass
     assert missing.share is None and not missing.busy
+
+
+def test_isa_limits_are_recorded_beside_the_flags(monkeypatch, tmp_path):
+    genoa = flags_of(tmp_path, GENOA)
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: genoa)
+    for name in hardware.AVX2_EMULATION:
+        monkeypatch.delenv(name, raising=False)
+    assert hardware.recorded_cpu_flags() == ["avx2", "avx512_bf16", "avx512f"]
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert hardware.recorded_cpu_flags() == ["avx2", "avx512_bf16", "avx512f", "ONEDNN_MAX_CPU_ISA=AVX2"]
+
+
+def test_emulate_avx2_reexecs_once_with_the_caps(monkeypatch):
+    calls = []
+    monkeypatch.setattr(hardware.os, "execve", lambda exe, args, env: calls.append((exe, args, env)))
+    for name in hardware.AVX2_EMULATION:
+        monkeypatch.delenv(name, raising=False)
+    hardware.emulate_avx2(["bench.py", "--suite", "json"])
+    ((exe, args, env),) = calls
+    assert args[1:] == ["bench.py", "--suite", "json"]
+    assert {name: env[name] for name in hardware.AVX2_EMULATION} == hardware.AVX2_EMULATION
+    for name, value in hardware.AVX2_EMULATION.items():
+        monkeypatch.setenv(name, value)
+    hardware.emulate_avx2(["bench.py"])  # already capped: no second re-exec
+    assert len(calls) == 1
+
+
+def test_under_avx2_emulation_auto_is_float32():
+    """The caps really reach the matmul kernels: the probe finds bf16 slow even where the CPU has avx512_bf16."""
+    code = (
+        "from cllm import hardware; c = hardware.cpu_auto_dtype(hardware.cpu_flags());"
+        "print(c.name, hardware.recorded_cpu_flags()[-1], '|', c.reason)"
+    )
+    env = {**os.environ, **hardware.AVX2_EMULATION, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, check=True)
+    dtype, last_recorded, _ = out.stdout.split(maxsplit=2)
+    assert dtype == "float32", out.stdout
+    assert last_recorded == "MKL_ENABLE_INSTRUCTIONS=AVX2"

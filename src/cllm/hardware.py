@@ -11,13 +11,21 @@
 
 The flags come from /proc/cpuinfo (Linux); elsewhere the CPU is treated as having none. The probe guards against a
 PyTorch build or a virtual machine that hides the fast path (bf16 matmuls are then 10-60x slower than float32).
+
+An AVX2-only machine can be emulated on an AVX-512 one by starting the process with `AVX2_EMULATION` in its
+environment (PyTorch's own kernels, oneDNN and MKL each limited to AVX2): /proc/cpuinfo still lists avx512_bf16,
+the probe then finds bf16 matmuls slow and `auto` picks float32, as on a real AVX2-only CPU. `recorded_cpu_flags`
+writes such limits beside the flags, so no figure taken under them passes for one of the full machine.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import os
+import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +36,8 @@ log = logging.getLogger("cllm")
 
 BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")  # the first one found names the reason
 RECORDED_CPU_FLAGS = ("amx_bf16", "amx_tile", "avx512_bf16", "avx512f", "avx2")  # written beside every benchmark figure
+# the environment variables that cap the instruction set PyTorch (ATen), oneDNN and MKL use; read at process start
+AVX2_EMULATION = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 PROBE_SPEEDUP = 1.2  # bf16 must beat float32 by this factor: a near tie is not worth the rounding
 
 
@@ -56,9 +66,29 @@ def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
     return frozenset()
 
 
+def isa_limits(environ: Mapping[str, str] = os.environ) -> list[str]:
+    """The instruction-set caps this process runs under, as `VAR=value` (e.g. `ONEDNN_MAX_CPU_ISA=AVX2`)."""
+    return [f"{name}={environ[name]}" for name in AVX2_EMULATION if environ.get(name)]
+
+
+def emulate_avx2(argv: list[str]) -> None:
+    """Re-execute this Python program (`argv[0]` is its script) with the AVX2 caps set; return if they already are.
+
+    A re-exec rather than setting the variables here: ATen, oneDNN and MKL may have read them already.
+    """
+    if all(os.environ.get(name) == value for name, value in AVX2_EMULATION.items()):
+        return
+    print(f"re-running under AVX2 emulation ({' '.join(f'{k}={v}' for k, v in AVX2_EMULATION.items())})", flush=True)
+    os.execve(sys.executable, [sys.executable, *argv], {**os.environ, **AVX2_EMULATION})
+
+
 def recorded_cpu_flags() -> list[str]:
-    """The flags that decide matmul speed, as written into benchmark JSON (e.g. ['avx2', 'avx512_bf16'])."""
-    return sorted(cpu_flags() & set(RECORDED_CPU_FLAGS))
+    """The flags that decide matmul speed, then any instruction-set caps, as written into benchmark JSON.
+
+    For example `['avx2', 'avx512_bf16']`, or under AVX2 emulation `['avx2', 'avx512_bf16', 'ATEN_CPU_CAPABILITY=avx2',
+    ...]`: the flags say what the CPU has, the caps what the process was allowed to use.
+    """
+    return sorted(cpu_flags() & set(RECORDED_CPU_FLAGS)) + isa_limits()
 
 
 def bf16_probe(seconds: float = 1.0, size: int = 512) -> float:
