@@ -78,7 +78,7 @@ def emulate_avx2(argv: list[str]) -> None:
     """
     if all(os.environ.get(name) == value for name, value in AVX2_EMULATION.items()):
         return
-    print(f"re-running under AVX2 emulation ({' '.join(f'{k}={v}' for k, v in AVX2_EMULATION.items())})", flush=True)
+    print(f"re-running under AVX2 emulation ({' '.join(isa_limits(AVX2_EMULATION))})", flush=True)
     os.execve(sys.executable, [sys.executable, *argv], {**os.environ, **AVX2_EMULATION})
 
 
