@@ -208,3 +208,19 @@ def test_a_repeated_list_flag_adds_to_the_earlier_one():
         "4",
         '--decoder=["jacobi", "recycle", "multiblock"]',
     ]
+
+
+def test_fit_destroys_the_process_group_it_leaves(tmp_path, monkeypatch):
+    """Lightning leaves the gloo group up; left to interpreter exit its threads can abort a finished Slurm step."""
+    import torch.distributed as dist
+
+    from cllm import lightning_cli
+
+    def fake_cli():  # stands in for a finished distributed fit
+        store = dist.FileStore(str(tmp_path / "store"), 1)
+        dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+
+    monkeypatch.setattr(lightning_cli, "CLLMLightningCLI", fake_cli)
+    monkeypatch.setattr("sys.argv", ["cllm"])
+    lightning_cli.run_lightning(["fit"])
+    assert not dist.is_initialized()

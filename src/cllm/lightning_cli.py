@@ -188,3 +188,8 @@ def run_lightning(argv: list[str]) -> None:
         CLLMLightningCLI()
     except MisconfigurationException as err:  # Lightning's word for a setting that cannot work (one line here)
         raise UserError(exception_line(err)) from None
+    # Lightning leaves the process group up. Left to interpreter exit, gloo's worker threads can outlive it and
+    # abort the process ("terminate called without an active exception"), failing a Slurm step that had finished.
+    # Only after a clean run: destroying it while another rank is still in a collective would hang.
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
