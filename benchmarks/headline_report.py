@@ -74,6 +74,9 @@ def fastest_ar(speed_entry: dict) -> str:
     return speed_entry.get("fastest_ar", speed_entry["fastest_ar_dtype"])
 
 
+SUSPECT_AGREEMENT = 0.5  # a compiled AR that equals eager AR on fewer prompts than this is broken, not rounded
+
+
 def compiled_ar_lines(results: dict) -> list[str]:
     """Compiled AR's cost and agreement with eager AR, where it was timed."""
     lines = []
@@ -85,6 +88,8 @@ def compiled_ar_lines(results: dict) -> list[str]:
                         f"- {set_name}, {model}: {name} AR {ar['tokens_per_s']:.1f} tok/s after {ar['compile_s']:.0f} s"
                         f" of compilation; = eager AR of its dtype on {ar['eager_agreement']:.0%} of the prompts"
                     )
+                    if ar["eager_agreement"] < SUSPECT_AGREEMENT:  # near-ties part a few outputs, never most
+                        lines[-1] += "; **suspect: the compiled step computes something other than eager AR**"
             for name, error in entry.get("speed", {}).get("compile_failures", {}).items():
                 lines.append(f"- {set_name}, {model}: {name} AR failed to compile ({error})")
     return ["", *lines] if lines else []

@@ -119,6 +119,9 @@ def test_compiled_ar_is_named_as_the_baseline_with_its_compile_time(headline, tm
     assert "json-extract, cllm: compiled float32 AR 20.0 tok/s after 32 s of compilation; = eager AR" in text
     assert "| json-extract | base | jacobi | 16 | 1.100 | 5.0 (float32) | 10.0 (float32) |" in text  # older entry
     assert "vs fastest AR 20.0 tok/s (compiled float32)" in headline.summary(results, tmp_path)
+    assert "suspect" not in text
+    compiled["eager_agreement"] = 0.0  # e.g. kernels of another instruction set reused from the inductor cache
+    assert "of the prompts; **suspect: the compiled step computes something other" in headline.markdown(results)
 
 
 def test_ar_dtypes_resolve_auto_and_drop_duplicates(headline):

@@ -183,6 +183,18 @@ def test_emulate_avx2_reexecs_once_with_the_caps(monkeypatch):
         monkeypatch.setenv(name, value)
     hardware.emulate_avx2(["bench.py"])  # already capped: no second re-exec
     assert len(calls) == 1
+    # The capped process compiles into a kernel cache of its own: sharing one with uncapped runs gave garbage.
+    assert "caps-avx2" in env["TORCHINDUCTOR_CACHE_DIR"]
+
+
+def test_capped_inductor_cache_only_under_caps_and_never_over_a_chosen_one():
+    assert hardware.capped_inductor_cache({}) == {}
+    capped = hardware.capped_inductor_cache(hardware.AVX2_EMULATION)
+    assert capped["TORCHINDUCTOR_CACHE_DIR"].endswith("-caps-avx2-avx2-avx2")
+    assert hardware.capped_inductor_cache({"ATEN_CPU_CAPABILITY": "avx2"})["TORCHINDUCTOR_CACHE_DIR"].endswith("-avx2")
+    assert hardware.capped_inductor_cache({**hardware.AVX2_EMULATION, "TORCHINDUCTOR_CACHE_DIR": "/mine"}) == {}
+    default = {**hardware.AVX2_EMULATION, "TORCHINDUCTOR_CACHE_DIR": "/tmp/torchinductor_root"}  # inductor's own
+    assert hardware.capped_inductor_cache(default) == capped
 
 
 def test_under_avx2_emulation_auto_is_float32():

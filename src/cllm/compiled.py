@@ -10,11 +10,13 @@ ignored. The mask is a 4D additive mask built outside the compiled region, so no
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import torch
 from transformers import StaticCache
 
+from cllm.hardware import capped_inductor_cache
 from cllm.jacobi import (
     DecodeOptions,
     JacobiResult,
@@ -36,6 +38,8 @@ class StaticRunner:
     def __init__(self, model: torch.nn.Module, max_len: int, compile: bool) -> None:
         self.model, self.max_len = model, max_len
         self.cache = StaticCache(config=model.config, max_cache_len=max_len)
+        if compile:  # caps set by hand get a kernel cache of their own too (see capped_inductor_cache)
+            os.environ.update(capped_inductor_cache())
         self.step = torch.compile(self._forward, dynamic=False) if compile else self._forward
 
     def _forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
