@@ -184,14 +184,19 @@ def test_emulate_avx2_reexecs_once_with_the_caps(monkeypatch):
     hardware.emulate_avx2(["bench.py"])  # already capped: no second re-exec
     assert len(calls) == 1
     # The capped process compiles into a kernel cache of its own: sharing one with uncapped runs gave garbage.
-    assert "caps-avx2" in env["TORCHINDUCTOR_CACHE_DIR"]
+    own = hardware.capped_inductor_cache(hardware.AVX2_EMULATION)["TORCHINDUCTOR_CACHE_DIR"]
+    assert env["TORCHINDUCTOR_CACHE_DIR"] == own
 
 
 def test_capped_inductor_cache_only_under_caps_and_never_over_a_chosen_one():
     assert hardware.capped_inductor_cache({}) == {}
     capped = hardware.capped_inductor_cache(hardware.AVX2_EMULATION)
-    assert capped["TORCHINDUCTOR_CACHE_DIR"].endswith("-caps-avx2-avx2-avx2")
-    assert hardware.capped_inductor_cache({"ATEN_CPU_CAPABILITY": "avx2"})["TORCHINDUCTOR_CACHE_DIR"].endswith("-avx2")
+    assert capped["TORCHINDUCTOR_CACHE_DIR"].endswith(
+        "-caps-aten_cpu_capability_avx2-onednn_max_cpu_isa_avx2-mkl_enable_instructions_avx2"
+    )
+    aten = hardware.capped_inductor_cache({"ATEN_CPU_CAPABILITY": "avx2"})["TORCHINDUCTOR_CACHE_DIR"]
+    onednn = hardware.capped_inductor_cache({"ONEDNN_MAX_CPU_ISA": "AVX2"})["TORCHINDUCTOR_CACHE_DIR"]
+    assert aten.endswith("-caps-aten_cpu_capability_avx2") and onednn != aten  # oneDNN alone keeps full-ISA kernels
     assert hardware.capped_inductor_cache({**hardware.AVX2_EMULATION, "TORCHINDUCTOR_CACHE_DIR": "/mine"}) == {}
     default = {**hardware.AVX2_EMULATION, "TORCHINDUCTOR_CACHE_DIR": "/tmp/torchinductor_root"}  # inductor's own
     assert hardware.capped_inductor_cache(default) == capped

@@ -83,7 +83,7 @@ def capped_inductor_cache(environ: Mapping[str, str] = os.environ) -> dict[str, 
     # Inductor writes its default (`/tmp/torchinductor_USER`) into the environment once it has compiled: not a choice.
     if not limits or (chosen and not Path(chosen).name.startswith("torchinductor_")):
         return {}
-    tag = "-".join(limit.partition("=")[2].lower() for limit in limits)
+    tag = "-".join(limits).lower().replace("=", "_")  # names too: each cap alone must not share a folder
     return {"TORCHINDUCTOR_CACHE_DIR": str(Path(tempfile.gettempdir()) / f"cllm-inductor-{os.getuid()}-caps-{tag}")}
 
 
