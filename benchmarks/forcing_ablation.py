@@ -37,7 +37,7 @@ from cllm.hardware import recorded_cpu_flags  # noqa: E402
 from cllm.scoring import compare_with_base, evaluate_model  # noqa: E402
 from cllm.tracking import read_metrics_csv  # noqa: E402
 
-VARIANTS = {"cllm": [], "pack4": ["ablations/pack4.yaml"], "jacobi_forcing": ["ablations/jacobi_forcing.yaml"]}
+VARIANTS = {"cllm": [], "pack4": ["ablations/pack4.yaml"], "jacobi_forcing": ["objectives/jacobi_forcing.yaml"]}
 DOMAINS = {
     "json": {"overlays": ["domains/json-extract.yaml"], "set": "json-extract", "test": "json-extract:test"},
     "code": {"overlays": [], "set": "stdlib-code", "test": "stdlib-code:test"},

@@ -189,7 +189,7 @@ def test_demo_profile_runs_its_overrides_on_the_tiny_model(headline, tmp_path, m
 
     monkeypatch.chdir(tmp_path)
     settings, overlay = headline.load_profile("json", "demo")
-    assert set(settings["decoders"]) <= set(DECODERS) and "ablations/jacobi_forcing.yaml" in settings["overlays"]
+    assert set(settings["decoders"]) <= set(DECODERS) and "objectives/jacobi_forcing.yaml" in settings["overlays"]
     trainer = overlay["trainer"]
     assert trainer["max_time"] and trainer["max_steps"] % trainer["val_check_interval"] == 0
     (tmp_path / "profile.yaml").write_text(yaml.safe_dump(overlay))

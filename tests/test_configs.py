@@ -76,7 +76,7 @@ def test_json_extract_domain_overlays(capsys):
 
 
 def test_jacobi_forcing_round_two_starts_from_round_one(capsys):
-    configs = ["domains/json-extract.yaml", "ablations/jacobi_forcing.yaml", "domains/json-extract-jf-round2.yaml"]
+    configs = ["domains/json-extract.yaml", "objectives/jacobi_forcing.yaml", "domains/json-extract-jf-round2.yaml"]
     parsed = print_config(capsys, "smollm2-135m.yaml", *configs)
     model, data = parsed["model"]["init_args"], parsed["data"]["init_args"]
     assert model["model"] == data["model"] == "models/jf-round1"  # trains AND collects with round 1
