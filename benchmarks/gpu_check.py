@@ -11,7 +11,7 @@ Sections (each records its error instead of stopping the others):
    activation checkpointing) training steps at a 1B and a 7B Llama shape with random weights: tokens/s and MFU
    (`cllm.callbacks.throughput` FLOP count over `cllm.hardware.peak_flops`);
 4. jacobi: SmolLM2-135M greedy AR vs Jacobi in bf16, eager and torch.compile'd: accepted tokens per step (TPF) and
-   tokens/s (`cllm.bench.compare`);
+   tokens/s (`cllm evaluate`'s engine);
 5. forcing_flex: a Jacobi Forcing row's 4D mask (a 256-token prompt, then noisy|fixed pairs of 16-token blocks, noise
    window 4) through sdpa (the boolean mask) and FlexAttention (the mask as a `BlockMask`, `cllm.models.
    flex_block_mask`) in bf16 at the 1B shape (2 layers): forward+backward ms each (forward only on the CPU dry run)
@@ -117,18 +117,32 @@ def train_step_check(device: str, shape: str, rows: int, length: int, steps: int
 
 
 def jacobi_check(device: str, spec: str, prompts: int, n: int, max_new_tokens: int, compiled: bool) -> dict:
-    from cllm.bench import compare
-    from cllm.data_modules.prompts import encode_prompts, load_prompts
-    from cllm.models import load_model
+    """Jacobi vs the fastest greedy AR through `cllm evaluate`'s engine (paired, every prompt timed)."""
+    from cllm.evaluate import EvaluateSettings, evaluate
 
-    model, tokenizer = load_model(spec, dtype="bfloat16", device=device)
-    if compiled:
-        model.forward = torch.compile(model.forward, dynamic=True)
-    chat = getattr(tokenizer, "chat_template", None) is not None
-    prompt_ids = encode_prompts(tokenizer, load_prompts("stdlib-code:validation", limit=prompts), chat_template=chat)
-    result = compare(model, tokenizer, prompt_ids, n=n, max_new_tokens=max_new_tokens, batch_size=1)
-    figures = {"ar_tokens_per_s": result["ar"]["tokens_per_s"], "jacobi_tokens_per_s": result["jacobi"]["tokens_per_s"]}
-    figures["accepted_tokens_per_step"] = result["jacobi"]["accepted_tokens_per_step"]
+    settings = EvaluateSettings(
+        model=spec,
+        prompts=["stdlib-code:validation"],
+        limit=prompts + 1,
+        warmup=1,
+        n=n,
+        max_new_tokens=max_new_tokens,
+        dtype="bfloat16",
+        dtypes=["bfloat16"],
+        device=device,
+        compile=compiled,
+        decoder=["jacobi"],
+        quality=False,
+        repeats=1,
+    )
+    entry = evaluate(settings)["models"]["cllm"]["stdlib-code"]
+    jacobi = entry["decoders"]["jacobi"]
+    figures = {"ar_variant": entry["ar"]["variant"], "ar_tokens_per_s": entry["ar"]["tokens_per_s"]}
+    figures |= {
+        "jacobi_speedup_median": jacobi["speedup_vs_ar"]["median"],
+        "jacobi_ci95": jacobi["speedup_vs_ar"]["ci95"],
+    }
+    figures["accepted_tokens_per_step"] = jacobi["tokens_per_step"]
     return {"model": spec, "compiled": compiled, "n": n, "prompts": prompts, **figures}
 
 

@@ -8,14 +8,15 @@ Prints a table (tokens/s per dtype and batch size, and the ratio to batch 1 of t
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 from decoding_args import decoding_parser
 
-from cllm.bench import timed_jacobi
 from cllm.data_modules.prompts import encode_prompts, load_prompts
+from cllm.decoders import decode_batched
 from cllm.files import write_json
 from cllm.jacobi import DecodeOptions, jacobi_generate
 from cllm.models import eos_ids, load_model
@@ -39,7 +40,9 @@ def main() -> None:
         )
         jacobi_generate(model, prompt_ids[:2], replace(options, max_new_tokens=4))  # warm-up
         for batch_size in args.batch_sizes:
-            result, seconds = timed_jacobi(model, prompt_ids, batch_size, options)
+            start = time.perf_counter()
+            result = decode_batched(model, prompt_ids, batch_size=batch_size, options=options)
+            seconds = time.perf_counter() - start
             tokens = sum(map(len, result.tokens))
             rows.append(
                 {

@@ -19,13 +19,13 @@ from pathlib import Path
 
 import torch
 
-from cllm.bench import greedy_ar
 from cllm.data_modules.prompts import encode_prompts, load_prompts
 from cllm.decoders import DECODERS, decode_batched
 from cllm.files import write_json
 from cllm.hardware import recorded_cpu_flags
 from cllm.jacobi import DecodeOptions
 from cllm.models import eos_ids, load_model
+from cllm.runners import greedy_ar
 
 
 def first_difference(a: list[int], b: list[int]) -> int | None:

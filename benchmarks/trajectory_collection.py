@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 from decoding_args import decoding_parser
 
-from cllm.bench import cut_at_eos
 from cllm.collection import row_seed
 from cllm.data_modules.prompts import encode_prompts, load_prompts
 from cllm.models import eos_ids, load_model
+from cllm.runners import cut_at_eos
 from cllm.trajectory import collect_trajectories
 
 

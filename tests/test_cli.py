@@ -22,7 +22,7 @@ def run(argv, capsys):
 def test_help_lists_every_command(capsys):
     code, out, _ = run(["--help"], capsys)
     assert code == 0
-    for command in ("fit", "validate", "test", "predict", "trajectories", "generate", "bench", "export"):
+    for command in ("fit", "validate", "trajectories", "generate", "evaluate", "bench", "export"):
         assert f"  {command} " in out
 
 
@@ -45,44 +45,19 @@ def test_generate_prints_completion_and_statistics(capsys):
     assert "12 tokens in" in out and "accepted tokens/step" in out
 
 
-def test_bench_writes_the_documented_json(tmp_path, capsys):
+def test_bench_is_evaluate_without_quality(tmp_path, capsys):
     prompts = tmp_path / "p.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": f"x = {i} +"}) + "\n" for i in range(3)))
-    output = tmp_path / "r.json"
+    prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"x = {i} +"}) + "\n" for i in range(4)))
     argv = ["bench", "--model", "tiny", "--prompts", str(prompts), "--n", "4", "--max-new-tokens", "10"]
-    code, out, _ = run([*argv, "--batch-size", "2", "--dtype", "float64", "--output", str(output)], capsys)
+    argv += ["--dtypes", "float64", "--no_compile", "--repeats", "1", "--warmup", "1", "--output", str(tmp_path / "r")]
+    code, out, _ = run(argv, capsys)
     assert code == 0, out
-    result = json.loads(output.read_text())
-    for key in ("model", "n", "max_new_tokens", "batch_size", "num_prompts", "dtype", "device", "speedup"):
-        assert key in result
-    assert set(result["ar"]) >= {"tokens", "seconds", "tokens_per_s"}
-    assert set(result["jacobi"]) >= {"tokens", "seconds", "tokens_per_s", "steps", "accepted_tokens_per_step"}
-    assert result["jacobi"]["ar_agreement"] == 1.0
-    assert result["ar"]["tokens"] == result["jacobi"]["tokens"] == 30
-    assert "greedy AR" in out and "jacobi n=4" in out
-
-
-def test_bench_decoders_n_auto_and_spec_bench_records(tmp_path, capsys):
-    prompts = tmp_path / "p.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": f"x = {i} + {i} + {i} +"}) + "\n" for i in range(3)))
-    output = tmp_path / "r.json"
-    argv = ["bench", "--model", "tiny", "--prompts", str(prompts), "--n", "auto", "--n-candidates", "2", "4"]
-    argv += ["--decoder", "multiblock", "--decoder", "multiblock+recycle", "--ar-dtype", "float32"]
-    code, out, _ = run([*argv, "--max-new-tokens", "9", "--dtype", "float64", "--output", str(output)], capsys)
-    assert code == 0, out
-    result = json.loads(output.read_text())
-    assert result["n"] in (2, 4) and [row["n"] for row in result["n_auto"]] == [2, 4]
-    assert set(result["decoders"]) == {"jacobi", "multiblock", "multiblock+recycle"}
-    for entry in result["decoders"].values():
-        assert set(entry) >= set(result["jacobi"]) and entry["ar_agreement"] == 1.0
-    assert set(result["ar_variants"]) == {"eager float64", "eager float32"}
-    assert result["ar"]["variant"] in result["ar_variants"]
-    records = {path.name for path in (tmp_path / "r.records").iterdir()}
-    assert records == {"ar.jsonl", "jacobi.jsonl", "multiblock.jsonl", "multiblock_recycle.jsonl"}
-    line = json.loads((tmp_path / "r.records" / "multiblock.jsonl").read_text().splitlines()[0])
-    choice = line["choices"][0]
-    assert choice["new_tokens"] == [sum(choice["accept_lengths"])] == [9]
-    assert "n = " in out and "Spec-Bench x" in out
+    result = json.loads((tmp_path / "r" / "results.json").read_text())
+    entry = result["models"]["cllm"]["p"]
+    assert entry["ar"]["variant"] == "ar eager float64" and entry["timed_prompts"] == 3
+    assert "valid" not in entry and entry["decoders"]["recycle"]["quality"] == {}  # no quality: bench
+    assert entry["decoders"]["jacobi"]["agreement_with_ar"] == 1.0
+    assert "| cllm | jacobi n=4 float64 |" in out
 
 
 @pytest.mark.parametrize("decoder", ["recycle", "multiblock+recycle"])
@@ -112,6 +87,11 @@ def test_bench_humaneval_prompt_set_loads():
         (["bench", "--model", "tiny"], "--prompts"),
         (["bench", "--model", "tiny", "--prompts", "humaneval", "--decoder", "medusa"], "unknown --decoder 'medusa'"),
         (["generate", "--model", "tiny", "--prompt", "x", "--n", "auto"], "--n auto is a bench option"),
+        (["evaluate", "--model", "tiny", "--prompts", "humaneval", "--n", "auto"], "--n_values 8 16 32"),
+        (["evaluate", "--model", "tiny", "--prompts", "humaneval", "--base", "tiny"], "--base names the same model"),
+        (["evaluate", "--model", "tiny", "--prompts", "BAD1", "--warmup", "2"], "leave none to time after --warmup 2"),
+        (["evaluate", "--model", "tiny", "--prompts", "humaneval", "--repeats", "0"], "--repeats must be >= 1"),
+        (["evaluate", "--model", "tiny", "--prompts", "humaneval", "--decoder", "eagle"], "unknown --decoder 'eagle'"),
         (["generate", "--model", "tiny", "--prompt", "x", "--threshold", "2"], "--threshold must be in [0, 1]"),
         (["nonsense"], "unknown command"),
     ],
@@ -119,9 +99,11 @@ def test_bench_humaneval_prompt_set_loads():
 def test_bad_input_is_one_line_and_exit_code_2(argv, message, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "empty.jsonl").write_text("")
-    (tmp_path / "long.jsonl").write_text(json.dumps({"prompt": "word " * 40}) + "\n")
+    (tmp_path / "long.jsonl").write_text((json.dumps({"prompt": "word " * 40}) + "\n") * 3)
     (tmp_path / "bad.jsonl").write_text('{"prompt": "ok"}\n{"prompt": \n')
-    argv = [{"EMPTY": "empty.jsonl", "LONG": "long.jsonl", "BAD": "bad.jsonl"}.get(a, a) for a in argv]
+    (tmp_path / "one.jsonl").write_text('{"prompt": "ok"}\n')
+    names = {"EMPTY": "empty.jsonl", "LONG": "long.jsonl", "BAD": "bad.jsonl", "BAD1": "one.jsonl"}
+    argv = [names.get(a, a) for a in argv]
     code, _, err = run(argv, capsys)
     assert code == 2
     assert message in err
@@ -133,13 +115,12 @@ def test_bad_input_is_one_line_and_exit_code_2(argv, message, tmp_path, monkeypa
 SPELLINGS = [
     (["trajectories", "--model", "tiny"], "max_new_tokens", "30", ("max_new_tokens",)),
     (["generate", "--model", "tiny", "--prompt", "hi"], "max_new_tokens", "30", ("max_new_tokens",)),
-    (["bench", "--model", "tiny", "--prompts", "humaneval"], "batch_size", "3", ("batch_size",)),
+    (["bench", "--model", "tiny", "--prompts", "humaneval"], "max_new_tokens", "3", ("max_new_tokens",)),
+    (["evaluate", "--model", "tiny", "--prompts", "humaneval"], "warmup", "3", ("warmup",)),
     (["export", "--ckpt", "a.ckpt", "--output", "out"], "dtype", "float64", ("dtype",)),
     (["ablate", "--base", "tiny.yaml"], "dry_run", "true", ("dry_run",)),
     (["fit", "--config", "tiny.yaml"], "trainer.max_steps", "3", ("trainer", "max_steps")),
     (["validate", "--config", "tiny.yaml"], "trainer.limit_val_batches", "2", ("trainer", "limit_val_batches")),
-    (["test", "--config", "tiny.yaml"], "trainer.limit_test_batches", "2", ("trainer", "limit_test_batches")),
-    (["predict", "--config", "tiny.yaml"], "trainer.max_steps", "3", ("trainer", "max_steps")),
 ]
 
 

@@ -54,18 +54,18 @@ def test_compiled_equals_eager(tiny_float64):
         assert compiled.accepted_per_pass == eager.accepted_per_pass
 
 
-def test_bench_compiled_variant_is_static_ar(tiny_float64, monkeypatch):
-    """`cllm bench --compile`'s compiled AR baseline goes through `compiled_ar` and returns greedy AR's tokens."""
+def test_evaluate_compiled_ar_candidate_is_static_ar(tiny_float64, monkeypatch):
+    """`cllm evaluate --compile`'s compiled AR candidate goes through `compiled_ar` and returns greedy AR's tokens."""
     import torch
 
-    from cllm.bench import ar_variants
+    from cllm.runners import ar_candidates
 
     monkeypatch.setattr(torch, "compile", lambda fn, **_: fn)  # the graph itself is test_compiled_equals_eager's
     model, _ = tiny_float64
     prompts = random_prompts((5, 9), seed=4)
     kwargs = {"max_new_tokens": MAX_NEW_TOKENS, "eos": None, "pad_token_id": 0, "max_len": 9 + MAX_NEW_TOKENS}
-    variants = ar_variants(model, ["float64"], compile=True, **kwargs)
-    assert set(variants) == {"eager float64", "compiled float64"}
-    tokens, passes = variants["compiled float64"](prompts)
-    assert tokens == [hf_greedy(model, p, MAX_NEW_TOKENS) for p in prompts]
-    assert passes == [[1] * len(t) for t in tokens]
+    candidates = {c.label: c for c in ar_candidates({"float64": model}, compile=True, **kwargs)}
+    assert set(candidates) == {"ar eager float64", "ar compiled float64"}
+    for prompt in prompts:
+        tokens, passes = candidates["ar compiled float64"].run(prompt)
+        assert tokens == hf_greedy(model, prompt, MAX_NEW_TOKENS) and passes == [1] * len(tokens)

@@ -1,4 +1,4 @@
-"""`python -m cllm COMMAND`: LightningCLI for fit/validate/test/predict, plus the extra commands.
+"""`python -m cllm COMMAND`: LightningCLI for fit/validate, plus the extra commands.
 
 Every command parses with jsonargparse (`cllm.arguments`): `--help`, `--config FILE`, `--print_config` and both
 flag spellings (`--max_new_tokens`, `--max-new-tokens`) everywhere. Each extra command's module exposes
@@ -12,20 +12,22 @@ import errno
 import sys
 from collections.abc import Callable
 
-from cllm import ablate, bench, collection, export, generate
+from cllm import ablate, bench, collection, evaluate, export, generate, serve
 from cllm.errors import UserError
 from cllm.lightning_cli import run_lightning
 
-LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+LIGHTNING_COMMANDS = ("fit", "validate")  # the held-out evaluation is `cllm evaluate`, not a Lightning loop
 # A read-only, full or forbidden output folder is the user's to fix: one line, not a traceback.
 ENVIRONMENT_ERRORS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 # command -> (its main(argv), one-line description)
 EXTRA_COMMANDS: dict[str, tuple[Callable[[list[str]], None], str]] = {
     "trajectories": (collection.main, "collect Jacobi trajectories of a model on a prompt set"),
     "generate": (generate.main, "Jacobi-decode one prompt and print the completion with its statistics"),
-    "bench": (bench.main, "greedy AR vs Jacobi on a prompt set: tokens/s, accepted tokens per step"),
+    "evaluate": (evaluate.main, "quality, tokens/step and paired speed vs AR and vs the base model; results.json"),
+    "bench": (bench.main, "the speed half of evaluate (no quality): paired tokens/s vs AR, tokens/step"),
     "export": (export.main, "turn a Lightning checkpoint into a Hugging Face model folder"),
     "ablate": (ablate.main, "run the ablation overlays and collect their final metrics into a table"),
+    "serve": (serve.main, "serve a model over an OpenAI-compatible HTTP API (chat, completions, streaming)"),
 }
 
 HELP = """usage: python -m cllm COMMAND [options]
@@ -33,8 +35,6 @@ HELP = """usage: python -m cllm COMMAND [options]
 Training (LightningCLI; `python -m cllm fit --help` for every option):
   fit          train a CLLM:  python -m cllm fit --config smollm2-135m.yaml
   validate     run validation of a model/checkpoint
-  test         run the test loop
-  predict      run the predict loop
 
 Decoding and data (`python -m cllm COMMAND --help` for its options):
 {extra}

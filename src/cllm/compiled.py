@@ -141,7 +141,7 @@ def static_greedy_ar(
 
 
 def compiled_ar(model, prompts: Prompts, *, max_new_tokens: int, eos, pad_token_id: int, max_len: int) -> list[list]:
-    """`static_greedy_ar` called with `cllm.bench.greedy_ar`'s arguments (`eos`: the id or ids that end a row), with
+    """`static_greedy_ar` called with `cllm.runners.greedy_ar`'s arguments (`eos`: the id or ids that end a row), with
     `max_len` slots so that one compiled graph serves every prompt of a benchmark."""
     return static_greedy_ar(
         model, prompts, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad_token_id, max_len=max_len

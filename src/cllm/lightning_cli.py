@@ -1,4 +1,4 @@
-"""The LightningCLI behind `python -m cllm fit|validate|test|predict`.
+"""The LightningCLI behind `python -m cllm fit|validate`.
 
 Model and data module are chosen by `class_path` in the config (subclass mode), so configs read like
 `model: {class_path: cllm.module.CLLMModule, init_args: {...}}`.
@@ -181,7 +181,7 @@ def default_wandb_save_dir(trainer_config) -> None:
 
 
 def run_lightning(argv: list[str]) -> None:
-    """`cllm fit|validate|test|predict ARGS`: config names resolved, both flag spellings, then LightningCLI."""
+    """`cllm fit|validate ARGS`: config names resolved, both flag spellings, then LightningCLI."""
     # LightningCLI reads sys.argv itself (passing args= too only earns a warning); show `cllm` as the program.
     sys.argv = ["cllm", *normalize_flags(resolve_config_args(argv))]
     try:

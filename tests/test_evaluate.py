@@ -1,0 +1,161 @@
+"""`cllm evaluate` on tiny models: the JSON shape, warm-ups never timed, the budget knob, the choices, and the
+Spec-Bench records read by an independent reimplementation of Spec-Bench's arithmetic."""
+
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+
+from cllm.evaluate import EvaluateSettings, evaluate
+from cllm.models import build_tiny_tokenizer
+from cllm.runners import Candidate, choose
+
+FIXTURE = Path(__file__).parent / "fixtures" / "evaluate"
+
+
+def prompt_file(tmp_path: Path, count: int) -> Path:
+    path = tmp_path / "set.jsonl"
+    path.write_text("".join(json.dumps({"id": f"q{i}", "prompt": f"x{i} = {i} + {i} *"}) + "\n" for i in range(count)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("evaluate")
+    settings = EvaluateSettings(
+        model="tiny",
+        base="tiny:seed=3",
+        prompts=[str(prompt_file(folder, 5))],
+        n=4,
+        n_values=[2, 4],
+        max_new_tokens=10,
+        dtypes=["float64"],
+        compile=False,
+        decoder=["jacobi", "recycle", "multiblock"],
+        repeats=2,
+        warmup=2,
+        output=str(folder / "out"),
+    )
+    return evaluate(settings), folder / "out"
+
+
+def test_results_json_has_the_documented_shape(report):
+    results, out = report
+    assert json.loads((out / "results.json").read_text())["training_gain"] == results["training_gain"]
+    entry = results["models"]["cllm"]["set"]
+    assert entry["ar"]["variant"] == "ar eager float64" and entry["ar"]["tokens_per_s"] > 0
+    for decoder in ("jacobi", "recycle", "multiblock"):
+        figures = entry["decoders"][decoder]
+        assert figures["n"] in (2, 4) and figures["dtype"] == "float64"
+        speed = figures["speedup_vs_ar"]
+        assert set(speed) == {"median", "ci95", "ratio_of_totals", "spec_bench", "n_prompts"}
+        assert speed["ci95"][0] <= speed["median"] <= speed["ci95"][1] and speed["n_prompts"] == 3
+        assert figures["agreement_with_ar"] == 1.0  # float64: every decoder is lossless
+        assert figures["tokens_per_step"] >= 1.0 and figures["tokens_per_step_pooled"] >= 1.0
+        assert figures["conversion_efficiency"] > 0
+    gain = results["training_gain"]["set"]
+    assert gain["n_prompts"] == 3 and gain["trained_decoder"] == entry["fastest"]
+    assert gain["base_decoder"] == results["models"]["base"]["set"]["fastest"]
+    assert set(results["machine"]) >= {"cpu_flags", "torch_threads", "load_during_timing", "under_load"}
+    assert "Training gain" in (out / "results.md").read_text()
+
+
+def test_warmup_prompts_choose_and_are_never_timed(report):
+    results, out = report
+    entry = results["models"]["cllm"]["set"]
+    assert results["machine"]["warmup_prompts_from"]["set"].startswith("first of")
+    for path in entry["records"].values():
+        ids = [json.loads(line)["question_id"] for line in (out / path).read_text().splitlines()]
+        assert ids == ["q2", "q3", "q4"]  # q0, q1 were the warm-ups
+    assert set(entry["choice"]["jacobi"]) == {"jacobi n=2 float64", "jacobi n=4 float64"}
+    chosen = entry["decoders"]["jacobi"]["setting"]
+    table = entry["choice"]["jacobi"]
+    assert table[chosen]["median_tokens_per_s"] == max(row["median_tokens_per_s"] for row in table.values())
+
+
+def test_records_are_spec_bench_answer_files(report):
+    results, out = report
+    entry = results["models"]["cllm"]["set"]
+    line = json.loads((out / entry["records"]["recycle"]).read_text().splitlines()[0])
+    assert line["category"] == "set" and line["model_id"].startswith("tiny:recycle n=")
+    choice = line["choices"][0]
+    assert set(choice) >= {"turns", "new_tokens", "wall_time", "accept_lengths"}
+    assert choice["new_tokens"] == [sum(choice["accept_lengths"])]
+    assert json.loads((out / entry["records"]["ar"]).read_text().splitlines()[0])["model_id"] == "tiny:ar eager float64"
+
+
+def spec_bench_speedup(method_file: Path, base_file: Path, tokenizer, task: str) -> tuple[float, float]:
+    """Spec-Bench's evaluation/speed.py `speed()`, reimplemented from its description for this test."""
+
+    def load(path):
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        return [row for row in rows if task == "overall" or row["category"] == task]
+
+    speeds, accepted = [], []
+    for row in load(method_file):
+        choice = row["choices"][0]
+        speeds.append(sum(choice["new_tokens"]) / sum(choice["wall_time"]))
+        accepted.extend(choice["accept_lengths"])
+    base = []
+    for row in load(base_file):
+        tokens = sum(len(tokenizer(turn).input_ids) - 1 for turn in row["choices"][0]["turns"])
+        base.append(tokens / sum(row["choices"][0]["wall_time"]))
+    return statistics.fmean(speeds) / statistics.fmean(base), statistics.fmean(accepted)
+
+
+@pytest.mark.parametrize("source", ["live", "fixture"])
+def test_spec_bench_arithmetic_on_the_records_matches_the_report(report, source):
+    results, out = report
+    if source == "fixture":  # a committed report: the figures must not drift with the code that reads them
+        out = FIXTURE
+        results = json.loads((FIXTURE / "results.json").read_text())
+    tokenizer = build_tiny_tokenizer()
+    for suite, entry in results["models"]["cllm"].items():
+        if suite == "spec":
+            continue
+        for decoder, figures in entry["decoders"].items():
+            speedup, mean_accepted = spec_bench_speedup(
+                out / entry["records"][decoder], out / entry["records"]["ar"], tokenizer, suite
+            )
+            assert speedup == pytest.approx(figures["speedup_vs_ar"]["spec_bench"], rel=1e-12)
+            assert mean_accepted == pytest.approx(figures["tokens_per_step_pooled"], rel=1e-12)
+
+
+def test_timed_budget_decodes_the_rest_untimed(tmp_path):
+    settings = EvaluateSettings(
+        model="tiny",
+        prompts=[str(prompt_file(tmp_path, 5))],
+        n=4,
+        max_new_tokens=6,
+        dtypes=["float64"],
+        compile=False,
+        decoder=["jacobi"],
+        repeats=1,
+        warmup=1,
+        timed=2,
+        output=str(tmp_path / "out"),
+    )
+    entry = evaluate(settings)["models"]["cllm"]["set"]
+    assert entry["timed_prompts"] == 2 and entry["untimed_prompts"] == 2 and entry["n_prompts"] == 4
+    assert entry["decoders"]["jacobi"]["speedup_vs_ar"]["n_prompts"] == 2
+    lines = (tmp_path / "out" / entry["records"]["jacobi"]).read_text().splitlines()
+    assert len(lines) == 4  # every prompt has its record; only the first 2 count for speed
+
+
+def test_choose_excludes_a_compiled_ar_that_disagrees_with_eager_and_records_failures():
+    def fixed(tokens):
+        return lambda prompt: (tokens, [1] * len(tokens))
+
+    def broken(prompt):
+        raise RuntimeError("no C++ compiler")
+
+    candidates = [
+        Candidate("ar eager float32", "ar", 1, "float32", fixed([1, 2, 3])),
+        Candidate("ar compiled float32", "ar", 1, "float32", fixed([9, 9, 9])),  # fastest, but wrong
+        Candidate("ar compiled bfloat16", "ar", 1, "bfloat16", broken),
+    ]
+    best, table = choose(candidates, [[5], [6]])
+    assert best.label == "ar eager float32"
+    assert table["ar compiled float32"]["excluded"] and table["ar compiled float32"]["agreement_with_eager"] == 0.0
+    assert table["ar compiled bfloat16"]["failed"].startswith("RuntimeError: no C++ compiler")
