@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import gzip
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from cllm.data_modules import json_extract, stdlib_code
 from cllm.errors import UserError
 from cllm.records import Prompt
 
-__all__ = ["BUNDLED", "Prompt", "encode_prompt", "encode_prompts", "load_prompts", "read_prompt_file"]
+__all__ = ["BUNDLED", "Prompt", "check_context", "encode_prompt", "encode_prompts", "load_prompts", "read_prompt_file"]
 
 
 def load_prompts(
@@ -185,6 +185,22 @@ def encode_prompts(
             )
         encoded.append(ids)
     return encoded
+
+
+def check_context(prompt_ids: Sequence[int], max_new_tokens: int, context_length: int, source: str = "") -> None:
+    """Refuse a generation that cannot fit the model's context: `len(prompt_ids) + max_new_tokens` positions.
+
+    Every command that decodes calls it before decoding, so an impossible budget is one line, not minutes of
+    decoding past the model's positions. `source` names where the prompt and the budget came from.
+    """
+    needed = len(prompt_ids) + max_new_tokens
+    if needed > context_length:
+        where = f"{source}: " if source else ""
+        raise UserError(
+            f"{where}the prompt's {len(prompt_ids)} tokens + {max_new_tokens} new tokens = {needed} positions, "
+            f"more than the model's context of {context_length}; shorten the prompt or ask for at most "
+            f"{max(context_length - len(prompt_ids), 0)} new tokens"
+        )
 
 
 # name -> loader of a bundled prompt set; the loader takes the split name (or None)

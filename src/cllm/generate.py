@@ -10,7 +10,7 @@ from transformers.utils import logging as hf_logging
 
 from cllm.arguments import parse_settings
 from cllm.compiled import static_jacobi_generate
-from cllm.data_modules.prompts import Prompt, encode_prompts
+from cllm.data_modules.prompts import Prompt, check_context, encode_prompts
 from cllm.decoders import (
     DECODERS,
     DEFAULT_BLOCKS,
@@ -126,6 +126,7 @@ def generate(settings: GenerateSettings) -> None:
     (prompt_ids,) = encode_prompts(
         tokenizer, [Prompt("prompt", settings.prompt)], settings.chat_template, context_length(model), "--prompt"
     )
+    check_context(prompt_ids, settings.max_new_tokens, context_length(model), "--prompt and --max_new_tokens")
     start = time.perf_counter()
     options = DecodeOptions(
         n=settings.n,
