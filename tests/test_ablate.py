@@ -14,7 +14,7 @@ import torch
 import yaml
 from lightning.pytorch.demos.boring_classes import BoringModel
 
-from cllm import ablate
+from cllm import ablate, ablate_collect
 from cllm.errors import UserError
 
 HERE = Path(__file__).parent
@@ -102,8 +102,8 @@ def test_collect_reads_csv_history_and_keeps_prose(tmp_path: Path) -> None:
         writer.writerow(["epoch", "step", "train/loss", "val/accepted_tokens_per_step"])
         writer.writerows([[0, 0, "", 1.1], [0, 4, 2.5, ""], [0, 9, 1.25, 2.0]])
     # A run that failed before logging anything still gets its row.
-    _write(tmp_path / "root" / "n32" / ablate.RECORD, '{"delta": "data.n=32", "returncode": 1}')
-    columns, rows = ablate.collect(tmp_path / "root")
+    _write(tmp_path / "root" / "n32" / ablate_collect.RECORD, '{"delta": "data.n=32", "returncode": 1}')
+    columns, rows = ablate_collect.collect(tmp_path / "root")
     assert columns[:4] == ["run", "change", "status", "step"]
     assert rows[1] == {"run": "n32", "change": "data.n=32", "status": "failed"}
     assert rows[:1] == [
@@ -118,17 +118,17 @@ def test_collect_reads_csv_history_and_keeps_prose(tmp_path: Path) -> None:
             "base/accepted_tokens_per_step": 1.1,
         }
     ]
-    output = _write(
-        tmp_path / "docs" / "ablations.md", f"# Ablations\n\nprose\n\n{ablate.BEGIN}\nold\n{ablate.END}\ntail\n"
-    )
+    begin, end = ablate_collect.BEGIN, ablate_collect.END
+    output = _write(tmp_path / "docs" / "ablations.md", f"# Ablations\n\nprose\n\n{begin}\nold\n{end}\ntail\n")
     rows = rows[:1]
-    ablate.write_report(output, ablate.render_markdown(columns, rows, tmp_path), ablate.render_csv(columns, rows))
+    table = ablate_collect.render_markdown(columns, rows, tmp_path)
+    ablate_collect.write_report(output, table, ablate_collect.render_csv(columns, rows))
     text = output.read_text()
     assert "prose" in text and "tail" in text and "old" not in text
     assert "| baseline |  | ok | 9 | 1.1 | 2 | 1.25 |" in text
     assert output.with_suffix(".csv").read_text().splitlines()[1].startswith("baseline,,ok,9.0,1.1,2.0,1.25")
     with pytest.raises(UserError, match="no run folder"):
-        ablate.collect(_write(tmp_path / "empty" / "x" / "note.txt", "").parent.parent)
+        ablate_collect.collect(_write(tmp_path / "empty" / "x" / "note.txt", "").parent.parent)
 
 
 def test_index_count_and_dry_run(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -167,9 +167,9 @@ def test_index_runs_in_this_process(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     common = ["--base", str(_stub_base(tmp_path)), "--overlays", str(tmp_path / "ov"), "--root", str(root)]
     ablate.main([*common, "--index", "1"])
     assert [p.name for p in root.iterdir()] == ["more"]
-    record = json.loads((root / "more" / ablate.RECORD).read_text())
+    record = json.loads((root / "more" / ablate_collect.RECORD).read_text())
     assert record["returncode"] == 0 and record["delta"] == "model.accepted=3.0"
-    assert ablate.final_metrics(root / "more")["val/accepted_tokens_per_step"] == 3.0
+    assert ablate_collect.final_metrics(root / "more")["val/accepted_tokens_per_step"] == 3.0
 
 
 @pytest.mark.slow

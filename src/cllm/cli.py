@@ -12,7 +12,7 @@ import errno
 import sys
 from collections.abc import Callable
 
-from cllm import ablate, bench, collection, evaluate, export, generate, serve
+from cllm import ablate, bench, collection, evaluate, export, generate, recipe, results_table, serve
 from cllm.errors import UserError
 from cllm.lightning_cli import run_lightning
 
@@ -23,6 +23,8 @@ ENVIRONMENT_ERRORS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errn
 EXTRA_COMMANDS: dict[str, tuple[Callable[[list[str]], None], str]] = {
     "trajectories": (collection.main, "collect Jacobi trajectories of a model on a prompt set"),
     "generate": (generate.main, "Jacobi-decode one prompt and print the completion with its statistics"),
+    "run": (recipe.main, "a recipe end to end: collect, fit, export, evaluate, report (configs/recipes/)"),
+    "results": (results_table.main, "docs/results.md and README's table, generated from the committed reports"),
     "evaluate": (evaluate.main, "quality, tokens/step and paired speed vs AR and vs the base model; results.json"),
     "bench": (bench.main, "the speed half of evaluate (no quality): paired tokens/s vs AR, tokens/step"),
     "export": (export.main, "turn a Lightning checkpoint into a Hugging Face model folder"),

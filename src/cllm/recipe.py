@@ -1,0 +1,185 @@
+"""`python -m cllm run --recipe recipes/NAME.yaml`: one experiment end to end, from its recipe file alone.
+
+A recipe (`configs/recipes/`) is the citation of a reported figure: a `recipe:` block (the base config, the
+overlays, the evaluation) and the fit settings of the experiment beside it (any `cllm fit` key):
+
+    recipe:
+      base: smollm2-135m.yaml
+      overlays: [domains/json-extract.yaml, objectives/jacobi_forcing.yaml]
+      evaluate: {prompts: [json-extract:test], limit: 32, max_new_tokens: 64, decoder: [jacobi, recycle]}
+    trainer: {max_steps: 200}
+
+Stages, in WORK_DIR/NAME/: (1) `cllm fit` (collecting the trajectories first when the folder is missing), its
+progress lines shown here and everything in fit.log; (2) `cllm export` of the last checkpoint into model/;
+(3) `cllm evaluate` of the trained model against the base model (`cllm.evaluate`: paired timing, training gain);
+(4) results.json + results.md in --output (default WORK_DIR/NAME/report), with the recipe, command, validation
+curve and stage times. `--overlay` runs a variant (NAME+STEM...); `--override KEY=VALUE` changes one fit setting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from cllm.arguments import parse_settings, resolve_config
+from cllm.errors import UserError
+from cllm.evaluate import EvaluateSettings, check_settings, evaluate
+from cllm.evaluate_report import markdown
+from cllm.files import atomic_write_text, write_json
+from cllm.records import block_size
+from cllm.tracking import read_metrics_csv
+
+PYTHON = [sys.executable, "-m", "cllm"]
+PROGRESS = "--trainer.callbacks+=cllm.callbacks.progress.ProgressCallback"
+RECIPE_KEYS = {"base", "overlays", "evaluate"}
+
+
+@dataclass(kw_only=True)
+class RunSettings:
+    """`cllm run`: a recipe end to end (collect, fit, export, evaluate, report).
+
+    Args:
+        recipe: the recipe file: recipes/NAME.yaml (bundled) or a path.
+        overlay: extra overlays, a variant of the recipe (repeatable; the run is named NAME+STEM).
+        override: one fit setting, KEY=VALUE (repeatable), e.g. model.init_args.lr=1e-4.
+        work_dir: runs write WORK_DIR/NAME/ (trajectories, fit, model, report).
+        output: the report folder (default WORK_DIR/NAME/report).
+        name: the run's folder name (default: the recipe's file stem, +STEM of each --overlay).
+        skip_fit: evaluate the model already exported in the work folder.
+    """
+
+    recipe: str
+    overlay: list[str] = field(default_factory=list)
+    override: list[str] = field(default_factory=list)
+    work_dir: str = "runs"
+    output: str | None = None
+    name: str | None = None
+    skip_fit: bool = False
+
+
+def load_recipe(path: str) -> tuple[dict, dict]:
+    """(the `recipe:` block, the fit settings) of a recipe file; unknown recipe keys and evaluation settings are
+    refused naming the file and the key, before anything runs."""
+    try:
+        content = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as err:
+        raise UserError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from err
+    block = content.pop("recipe", None)
+    if not isinstance(block, dict) or "base" not in block or "evaluate" not in block:
+        raise UserError(f"{path}: a recipe needs a `recipe:` block with `base` and `evaluate`")
+    unknown = set(block) - RECIPE_KEYS
+    if unknown:
+        raise UserError(f"{path}: unknown key recipe.{sorted(unknown)[0]}; a recipe block holds {sorted(RECIPE_KEYS)}")
+    known = {f.name for f in dataclasses.fields(EvaluateSettings)} - {"model", "base", "output", "n"}
+    for key in block["evaluate"]:
+        if key not in known:
+            raise UserError(f"{path}: unknown key recipe.evaluate.{key}; `cllm evaluate --help` lists them")
+    return block, content
+
+
+def fit_config(configs: list[str], fit_args: list[str]) -> dict:
+    """The fit config as `cllm fit` resolves it (`--print_config`): the one source of the base model and n."""
+    command = [*PYTHON, "fit", *(f"--config={c}" for c in configs), *fit_args, "--print_config"]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        last = done.stderr.strip().splitlines()[-1:] or ["(no message)"]
+        raise UserError(f"the recipe's fit config does not resolve: {last[0]}")
+    return yaml.safe_load(done.stdout)
+
+
+def run_stage(name: str, command: list[str], log: Path, shown: str | None = None) -> float:
+    """Run one stage with its output in `log`; lines starting with `shown` are printed here too."""
+    print(f"== {name}: {' '.join(command)}\n   (log: {log})", flush=True)
+    start = time.perf_counter()
+    with open(log, "w") as handle:
+        child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+        for line in child.stdout:
+            handle.write(line)
+            if shown and line.startswith(shown):
+                print("   " + line.rstrip(), flush=True)
+        code = child.wait()
+    if code != 0:
+        raise UserError(f"stage {name} failed (exit {code}); see {log}")
+    return time.perf_counter() - start
+
+
+def latest_checkpoint(root: Path) -> Path:
+    found = sorted(root.rglob("*.ckpt"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise UserError(f"no checkpoint under {root}")
+    return found[-1]
+
+
+def validation_curve(fit_root: Path) -> list[tuple[int, float]]:
+    """(step, val/accepted_tokens_per_step) from the fit's CSV logs."""
+    key = "val/accepted_tokens_per_step"
+    return sorted((int(row["step"]), row[key]) for row in read_metrics_csv(fit_root) if key in row)
+
+
+def run(settings: RunSettings, argv: list[str] | None = None) -> dict:
+    """Run the recipe (see the module docstring); return the results written to the report folder."""
+    recipe = resolve_config(settings.recipe)
+    block, fit_settings = load_recipe(recipe)
+    for item in settings.override:
+        if "=" not in item:
+            raise UserError(f"--override {item!r}: give KEY=VALUE, e.g. model.init_args.lr=1e-4")
+    name = settings.name or "+".join([Path(recipe).stem, *(Path(o).stem for o in settings.overlay)])
+    work = Path(settings.work_dir) / name
+    output = Path(settings.output) if settings.output else work / "report"
+    base_evaluation = EvaluateSettings(model="(trained)", **block["evaluate"])
+    check_settings(base_evaluation)  # a bad evaluation setting fails now, not after the fit
+    configs = [
+        resolve_config(block["base"]),
+        *(resolve_config(o) for o in [*block.get("overlays", []), *settings.overlay]),
+    ]
+    work.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(work / "recipe-fit.yaml", yaml.safe_dump(fit_settings, sort_keys=False))
+    configs.append(str(work / "recipe-fit.yaml"))
+    fit_args = [
+        f"--trainer.default_root_dir={work / 'fit'}",
+        f"--trainer.logger.init_args.save_dir={work / 'fit'}",
+        f"--data.init_args.path={work / 'trajectories'}",
+        *(f"--{item}" for item in settings.override),
+    ]
+    config = fit_config(configs, fit_args)
+    base_model = config["model"]["init_args"]["model"]
+    n, _ = block_size(config["data"]["init_args"]["path"], config["data"]["init_args"].get("n"))
+    exported, timings = work / "model", {}
+    if not settings.skip_fit:
+        fit = [*PYTHON, "fit", *(f"--config={c}" for c in configs), *fit_args, PROGRESS]
+        timings["fit"] = run_stage("fit", fit, work / "fit.log", shown="[progress]")
+        export = [*PYTHON, "export", "--ckpt", str(latest_checkpoint(work / "fit")), "--output", str(exported)]
+        timings["export"] = run_stage("export", export, work / "export.log")
+    elif not exported.is_dir():
+        raise UserError(f"--skip_fit: no exported model in {exported}; run the recipe once without it")
+    start = time.perf_counter()
+    evaluation = dataclasses.replace(base_evaluation, model=str(exported), base=base_model, n=n, output=str(output))
+    results = evaluate(evaluation, [f"--recipe {settings.recipe}"])
+    timings["evaluate"] = time.perf_counter() - start
+    results["command"] = " ".join(["python -m cllm run", *(argv or [f"--recipe {settings.recipe}"])])
+    results["recipe"] = {
+        "file": str(Path(settings.recipe)),
+        "name": name,
+        "overlays": settings.overlay,
+        "overrides": settings.override,
+        "base_model": base_model,
+        "n": n,
+        "date": datetime.date.today().isoformat(),
+        "timings": timings,
+        "validation_curve": validation_curve(work / "fit"),
+    }
+    write_json(output / "results.json", results)
+    (output / "results.md").write_text(markdown(results))
+    print(f"wrote {output}/results.json and results.md")
+    return results
+
+
+def main(argv: list[str]) -> None:
+    run(parse_settings(RunSettings, argv, "cllm run", __doc__), argv)
