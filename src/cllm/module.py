@@ -11,6 +11,7 @@ Trainer precision that `cllm.hardware.auto_dtype` finds fast: bf16-mixed on CUDA
 without FSDP), or, under FSDP2, from `fsdp_param_dtype: bfloat16` (or `auto`; FSDP2 MixedPrecisionPolicy: bf16
 all-gathers and compute, float32 gradient reduction; use it with Trainer precision `32-true`), which halves the
 all-gather traffic on GPUs.
+LoRA (`lora`): PEFT adapters on a frozen base (`cllm.lora`; the optimizer and checkpoints hold the adapters only).
 """
 
 from __future__ import annotations
@@ -22,21 +23,14 @@ import torch
 from lightning.pytorch import LightningModule
 
 from cllm import logit_table
+from cllm.attention import attention_mask_for
 from cllm.errors import UserError
 from cllm.hardware import auto_dtype
 from cllm.logit_table import FusedAR, needed_positions, sliced_forward
-from cllm.models import (
-    flex_block_mask,
-    load_model,
-    load_tokenizer,
-    local_folder,
-    resolve_attn_implementation,
-    resolve_dtype,
-    shard_fsdp2,
-    tokenizer_fingerprint,
-)
+from cllm.lora import CHECKPOINT_KEY, LoraSettings, check_checkpoint, settings_of, trainable_state
+from cllm.models import resolve_attn_implementation, tokenizer_fingerprint
 from cllm.objective import LossOptions, batch_losses
-from cllm.sharded_load import data_parallel_mesh, fsdp_policy, load_sharded
+from cllm.sharded_load import build_for_training, data_parallel_mesh, fsdp_policy
 
 
 class CLLMModule(LightningModule):
@@ -69,6 +63,8 @@ class CLLMModule(LightningModule):
         meta_init: under FSDP2, build the model on the meta device, shard it, and let each rank read only its
             shards from the safetensors (`cllm.sharded_load`): no rank holds the whole model. Model folders and
             `.gguf` specs only; `tiny` and hub ids load whole, then shard.
+        lora: LoRA adapters (`cllm.lora.LoraSettings`: rank, alpha, dropout, target_modules, seed) on the frozen
+            base; null: full fine-tuning. With `dtype: bfloat16` the frozen base is stored in bf16 (adapters float32).
     """
 
     def __init__(
@@ -95,6 +91,7 @@ class CLLMModule(LightningModule):
         fsdp_param_dtype: str | None = None,
         sliced_logits: bool = True,
         meta_init: bool = True,
+        lora: LoraSettings | None = None,
     ) -> None:
         super().__init__()
         self.loss_options = LossOptions(
@@ -107,9 +104,14 @@ class CLLMModule(LightningModule):
             ar_mask_prompt=ar_mask_prompt,
             label_smoothing=label_smoothing,
         )
+        self.lora, self.lora_identity = settings_of(lora), None
+        lora = dataclasses.asdict(self.lora) if self.lora else None  # plain data in the hparams (weights_only loads)
         # `n` stays out of the hparams: Lightning refuses module and data hparams that share a key with different
         # values. It is the data's: `cllm fit` links it here; None reads the data module's in `setup`.
         self.save_hyperparameters(ignore=["n"])
+        if self.lora:  # checkpoints hold the adapters; the base comes from its spec, checked by fingerprint
+            self.register_state_dict_post_hook(trainable_state)
+            self.strict_loading = False
         self.model, self.tokenizer, self.n = None, None, n
         self._masked_batches = False  # the data's batches carry 4D masks (read in `setup`)
 
@@ -119,24 +121,21 @@ class CLLMModule(LightningModule):
             return
         hp = self.hparams
         mesh = getattr(self, "_device_mesh", None)
-        mesh = data_parallel_mesh(mesh) if mesh is not None else None
-        folder = local_folder(hp.model) if mesh is not None and hp.meta_init else None
-        if folder is not None:  # meta-device init: no rank ever holds the whole model (`cllm.sharded_load`)
-            tokenizer, attn = load_tokenizer(hp.model), self._attn_implementation()
-            dtype = resolve_dtype(master_dtype(hp.dtype))
-            model = load_sharded(folder, mesh, attn_implementation=attn, dtype=dtype, mp_policy=self._fsdp_policy)
-            model.generation_config.pad_token_id = tokenizer.pad_token_id
-        else:
-            dtype, attn = master_dtype(hp.dtype), self._attn_implementation()
-            model, tokenizer = load_model(hp.model, dtype=dtype, attn_implementation=attn)
+        model, tokenizer, self.lora_identity = build_for_training(
+            hp.model,
+            data_parallel_mesh(mesh) if mesh is not None else None,
+            dtype=master_dtype(hp.dtype),
+            attn_implementation=self._attn_implementation(),
+            mp_policy=self._fsdp_policy,
+            meta_init=hp.meta_init,
+            lora=self.lora,
+        )
         self._check_tokenizer(tokenizer)
         model.config.use_cache = False  # training never needs the KV cache; saves memory
         model.train()  # load_model returns eval mode; Lightning keeps submodule modes as they are
         if hp.activation_checkpointing:
             # Non-reentrant checkpointing composes with FSDP2 (the all-gather is redone inside the recompute).
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if mesh is not None and folder is None:
-            shard_fsdp2(model, mesh, mp_policy=self._fsdp_policy)
         self.model, self.tokenizer = model, tokenizer
         device = self.trainer.strategy.root_device if self._trainer is not None else self.device
         fused = hp.sliced_logits and logit_table.fused_ce_available(device)  # Liger-Kernel on CUDA
@@ -161,6 +160,14 @@ class CLLMModule(LightningModule):
                 f"{self.hparams.model!r} has tokenizer {ours}; collect trajectories with this model or set "
                 "model.init_args.model to the model they were collected with"
             )
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.lora_identity is not None:
+            checkpoint[CHECKPOINT_KEY] = self.lora_identity
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:  # a sharded one is checked before it is read too
+        where = str(getattr(self._trainer, "ckpt_path", None) or "the checkpoint")
+        check_checkpoint(checkpoint, self.lora_identity, where, expected=set(self.state_dict()))
 
     def setup(self, stage: str) -> None:
         data_n = getattr(getattr(self.trainer, "datamodule", None), "n", None)
@@ -187,7 +194,8 @@ class CLLMModule(LightningModule):
     ) -> torch.Tensor:
         """Logits [B, L, V]; takes a 2D padding mask [B, L] or a 4D boolean may-attend mask [B, 1, L, L] (packed)."""
         if attention_mask.ndim == 4:
-            attention_mask = self._custom_attention_mask(attention_mask)
+            implementation = self.model.config._attn_implementation
+            attention_mask = attention_mask_for(implementation, attention_mask, self.model.dtype)
         return self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
         ).logits
@@ -208,25 +216,6 @@ class CLLMModule(LightningModule):
 
     def _attn_implementation(self) -> str:
         return resolve_attn_implementation(self.hparams.attn_implementation, masked=self._masked_batches)
-
-    def _custom_attention_mask(self, may_attend: torch.Tensor) -> torch.Tensor:
-        """The 4D mask in the form the attention takes it: boolean for sdpa, additive (0 / -inf) for eager, a
-        `BlockMask` for flex_attention."""
-        implementation = self.model.config._attn_implementation
-        if implementation == "sdpa":
-            return may_attend
-        if implementation == "eager":  # eager adds the mask to the scores: a boolean would add 1 and 0
-            dtype = self.model.dtype
-            blocked = torch.full(may_attend.shape, torch.finfo(dtype).min, dtype=dtype, device=may_attend.device)
-            return blocked.masked_fill(may_attend, 0.0)
-        if implementation == "flex_attention":
-            return flex_block_mask(may_attend)
-        raise UserError(
-            f"packed and Jacobi Forcing batches (data.init_args.state_strategy: pack, jacobi_forcing) need a 4D "
-            "attention mask, which "
-            f"attn_implementation {implementation!r} does not take; set model.init_args.attn_implementation: auto "
-            "(flex_attention on CUDA, sdpa elsewhere), flex_attention or sdpa"
-        )
 
     # ---------------------------------------------------------------- losses
     def compute_losses(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -272,7 +261,8 @@ class CLLMModule(LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        optimizer = torch.optim.AdamW(self.parameters(), lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay)
+        trained = [parameter for parameter in self.parameters() if parameter.requires_grad]  # LoRA: the adapters
+        optimizer = torch.optim.AdamW(trained, lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay)
         total = self.trainer.estimated_stepping_batches
         if not math.isfinite(total) or total <= 0:
             raise UserError(

@@ -8,7 +8,9 @@ non-tensor blob by `torch.load(weights_only=True)`:
 
 - `load_sharded` loads through that reader and planner (what `cllm export` does);
 - `check_sharded_checkpoint` reads the whole folder that way without loading it; `guard_checkpoint_loading` runs it
-  before Lightning's own loader sees a folder (`fit --ckpt_path`), and turns a corrupt checkpoint into one line.
+  before Lightning's own loader sees a folder (`fit --ckpt_path`), and turns a corrupt checkpoint into one line. A
+  LoRA run's folder is checked against the run's base there too (`cllm.lora.check_checkpoint`): DCP reads the
+  adapters into the model before any hook of the module could refuse them.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, StorageMeta
 
 from cllm.errors import UserError
+from cllm.lora import check_checkpoint
 
 UNREADABLE = "cannot read this checkpoint (corrupt or truncated?)"
 METADATA_FILE = ".metadata"  # DCP's index of the folder
@@ -166,6 +169,7 @@ def guard_checkpoint_loading(strategy: Any) -> None:
         path = Path(checkpoint_path)
         if path.is_dir():
             check_sharded_checkpoint(path)
+            check_adapters(strategy, path)
         elif not path.is_file():
             raise UserError(f"checkpoint not found: {checkpoint_path}")
         try:
@@ -176,6 +180,16 @@ def guard_checkpoint_loading(strategy: Any) -> None:
             raise UserError(f"{checkpoint_path}: {UNREADABLE}: {exception_line(err)}") from None
 
     strategy.load_checkpoint = checked_load
+
+
+def check_adapters(strategy: Any, folder: Path) -> None:
+    """Refuse a sharded checkpoint whose base or adapter layout differs from the run's (`CLLMModule.lora_identity`)."""
+    module = getattr(strategy, "lightning_module", None)
+    meta = folder / LIGHTNING_META_FILE
+    if module is None or not hasattr(module, "lora_identity") or not meta.is_file():
+        return
+    metadata = torch.load(meta, weights_only=True, map_location="cpu")
+    check_checkpoint(metadata, module.lora_identity, str(folder))
 
 
 def _first_failure(err: CheckpointException) -> str:
