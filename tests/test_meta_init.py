@@ -18,9 +18,22 @@ from torch.distributed.device_mesh import init_device_mesh
 from cllm.models import load_model, shard_fsdp2
 from cllm.sharded_load import load_sharded
 
+import cllm.sharded_load as sharded_load
+import transformers
+
 dist.init_process_group("gloo")
 world = dist.get_world_size()
+# Spies on the path claimed: the model is built on meta, and no whole-model load happens on the way (a silent
+# fallback to a plain load would pass every comparison below).
+built, plain_loads = [], []
+build_on_meta = sharded_load.build_on_meta
+sharded_load.build_on_meta = lambda *a, **k: built.append(1) or build_on_meta(*a, **k)
+from_pretrained = transformers.AutoModelForCausalLM.from_pretrained
+transformers.AutoModelForCausalLM.from_pretrained = lambda *a, **k: plain_loads.append(1) or from_pretrained(*a, **k)
 meta = load_sharded(sys.argv[1], init_device_mesh("cpu", (world,)))
+assert built == [1] and plain_loads == [], (built, plain_loads)
+assert all(p.device.type == "cpu" for p in meta.parameters())
+transformers.AutoModelForCausalLM.from_pretrained = from_pretrained
 plain, _ = load_model(sys.argv[1])
 shard_fsdp2(plain, init_device_mesh("cpu", (world,)))
 local = [p.to_local().numel() for p in meta.parameters()]
