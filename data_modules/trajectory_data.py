@@ -19,7 +19,7 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
-from cllm.collection import CollectConfig, run_collection
+from cllm.collection import CollectSettings, run_collection
 from cllm.data_modules.collate import collate, collate_packed
 from cllm.data_modules.jacobi_forcing import NoiseSchedule, collate_forcing
 from cllm.data_modules.jacobi_forcing import samples_per_line as forcing_samples_per_line
@@ -171,7 +171,7 @@ class TrajectoryDataModule(LightningDataModule):
         h = self.hparams
         rank_zero_info(f"{self.path} has no manifest.json: collecting trajectories of {self.model} on {h.prompts}")
         run_collection(
-            CollectConfig(
+            CollectSettings(
                 model=self.model,
                 prompts=h.prompts,
                 output=str(self.path),

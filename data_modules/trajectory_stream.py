@@ -25,6 +25,7 @@ from pathlib import Path
 
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from cllm.data_modules.jacobi_forcing import noise_ratio
 from cllm.files import iter_lines, unit_hash
 from cllm.records import Record, parse_record
 
@@ -45,15 +46,12 @@ def candidate_states(record: Record, next_state: bool) -> list[tuple[list[int], 
     return pairs
 
 
-def noise_ratio(state: list[int], fixed_point: list[int]) -> float:
-    return sum(a != b for a, b in zip(state, fixed_point)) / max(len(fixed_point), 1)
-
-
 def pick_states(
     record: Record, strategy: str, next_state: bool, rng: random.Random, pack_states: int = 4
 ) -> list[tuple]:
     """`uniform`: one non-final state uniformly (official); `all`: every one; `noise`: the state whose noise
-    ratio (share of tokens differing from the fixed point) is nearest to r ~ U(0, 1); `pack`: `pack_states`
+    ratio (`jacobi_forcing.noise_ratio`: the share of the block from its first wrong token on, the one
+    definition of the project) is nearest to r ~ U(0, 1); `pack`: `pack_states`
     states uniformly without replacement (all of them when the record has fewer)."""
     pairs = candidate_states(record, next_state)
     if not pairs or strategy == "all":

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from cllm.collection import CollectConfig, Collector, main
+from cllm.collection import Collector, CollectSettings, main
 from cllm.models import load_model
 from cllm.records import read_manifest, read_records, write_dataset_manifest
 from cllm.trajectory import collect_trajectories
@@ -96,7 +96,7 @@ def test_cli_writes_shards_and_manifest_and_resumes(tmp_path, tiny, capsys):
 
 def test_clean_counts_dropped_records(tmp_path, tiny):
     model, tokenizer = tiny
-    config = CollectConfig(model="tiny", prompts="unused", output=str(tmp_path), n=4, max_new_tokens=8, clean=True)
+    config = CollectSettings(model="tiny", prompts="unused", output=str(tmp_path), n=4, max_new_tokens=8, clean=True)
     collector = Collector.__new__(Collector)
     collector.config, collector.tokenizer = config, tokenizer
     from cllm.records import Prompt

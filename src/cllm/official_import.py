@@ -82,7 +82,7 @@ def convert_entry(entry, where: str) -> tuple[Record, bool, bool]:
 def import_official(path: Path, config) -> dict:
     """Convert `path` into a dataset folder `config.output` (shards + manifest); returns the manifest.
 
-    `config` is the collection's `CollectConfig` (its `model` and `output` are read).
+    `config` is the collection's `CollectSettings` (its `model` and `output` are read).
     """
     if not path.is_file():
         raise UserError(f"official trajectory file not found: {path}")
