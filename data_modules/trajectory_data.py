@@ -7,10 +7,8 @@ the shards), and hands out streaming dataloaders (`cllm.data_modules.trajectory_
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import struct
 from array import array
 from functools import partial
 from pathlib import Path
@@ -24,6 +22,7 @@ from cllm.data_modules.collate import collate, collate_packed
 from cllm.data_modules.jacobi_forcing import NoiseSchedule, collate_forcing
 from cllm.data_modules.jacobi_forcing import samples_per_line as forcing_samples_per_line
 from cllm.data_modules.prompts import Prompt, load_prompts
+from cllm.data_modules.scan_cache import cached_scan
 from cllm.data_modules.trajectory_stream import (
     ROW_STRATEGIES,
     STATE_STRATEGIES,
@@ -31,16 +30,13 @@ from cllm.data_modules.trajectory_stream import (
     TrajectoryStream,
     samples_per_record,
 )
+from cllm.dataset_checks import check_collection_settings, check_model_fingerprint, check_token_ids, check_tokenizer
 from cllm.errors import UserError
-from cllm.files import atomic_write_bytes, iter_lines, unit_hash
+from cllm.files import iter_lines, unit_hash
 from cllm.models import load_tokenizer, tokenizer_fingerprint, weights_fingerprint
 from cllm.records import (
     MANIFEST_NAME,
     block_size,
-    check_collection_settings,
-    check_model_fingerprint,
-    check_token_ids,
-    check_tokenizer,
     parse_record,
     read_manifest,
     verify_checksums,
@@ -70,11 +66,9 @@ class TrajectoryDataModule(LightningDataModule):
         num_workers: dataloader worker processes per rank.
         shuffle_buffer: size of the shuffle buffer (memory bound of the stream).
         seed: seed of shuffling and state picking (combined with the epoch).
-        state_strategy: `uniform` over non-final states (official), `all` (one sample per state), `noise`, or
-            `pack` (`pack_states` states of a record packed into one row that shares the context; global
-            consistency and AR on the fixed point only).
-            `jacobi_forcing`: one row per prompt holding every block of its response as a pair noisy_j | fixed_j
-            (Jacobi Forcing, `cllm.data_modules.jacobi_forcing`; global consistency and AR on the fixed points).
+        state_strategy: `uniform` over non-final states (official), `all` (one sample per state), `noise`, `pack`
+            (`pack_states` states of a record in one row sharing the context), or `jacobi_forcing` (one row per
+            prompt: every block of its response as a pair noisy_j | fixed_j, `cllm.data_modules.jacobi_forcing`).
         pack_states: with `pack`, the number k of non-final states drawn per record (all when it has fewer).
         forcing_window: with `jacobi_forcing`, blocks per noise window (JF's w).
         forcing_schedule: `progressive` (block j targets noise ratio linspace(min, max, w)[j % w]), `shifted` (the
@@ -212,23 +206,9 @@ class TrajectoryDataModule(LightningDataModule):
         shards = self.manifest["shards"]
         key = json.dumps([[s["file"], s["records"], s.get("sha256")] for s in shards])
         key += f"|{h.state_strategy}|{h.next_state}|{h.max_length}|{self.n}"
-        cache = self.path / f".scan-{hashlib.sha256(key.encode()).hexdigest()[:16]}.bin"
-        hashes, counts = array("d"), array("H")  # 10 bytes per record: fine at 10^8 records
         cacheable = all(s.get("sha256") for s in shards)  # the checksums identify the shards' content
-        if cacheable and cache.is_file():
-            data = cache.read_bytes()
-            total, truncated = struct.unpack("<qq", data[:16])
-            hashes.frombytes(data[16 : 16 + 8 * total])
-            counts.frombytes(data[16 + 8 * total :])
-        else:
-            truncated = self._scan_lines(hashes, counts)
-            total = len(hashes)
-            try:  # a read-only dataset folder only costs the next run another scan
-                if cacheable:
-                    header = struct.pack("<qq", total, truncated)
-                    atomic_write_bytes(cache, header + hashes.tobytes() + counts.tobytes())
-            except OSError:
-                pass
+        hashes, counts, truncated = cached_scan(self.path, key, cacheable, self._scan_lines)
+        total = len(hashes)
         # A small dataset may have no prompt below val_fraction: then hold out the lowest-hashed prompt, so the
         # validation loop (and the accepted-tokens callback with it) still runs.
         self.val_threshold = h.val_fraction

@@ -24,10 +24,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from cllm.dataset_checks import check_token_ids
 from cllm.errors import UserError
 from cllm.files import read_json_file, sha256_of
 from cllm.models import load_tokenizer, tokenizer_fingerprint
-from cllm.records import MANIFEST_NAME, SHARD_PATTERN, Record, check_token_ids, write_dataset_manifest, write_shard
+from cllm.records import MANIFEST_NAME, SHARD_PATTERN, Record, write_dataset_manifest, write_shard
 
 RECORDS_PER_SHARD = 10_000
 

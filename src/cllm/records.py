@@ -12,7 +12,7 @@ states made by the optional augmentation (they have no "next state"). Every read
 `parse_record`, so a bad line is reported as `file:line: field 'x': what is wrong`.
 
 The manifest (`write_dataset_manifest`, `read_manifest`) lists every shard with its record count and sha256, and
-the settings of the collection (n, model and tokenizer fingerprints, ...); training checks it (`check_tokenizer`).
+the settings of the collection (n, model and tokenizer fingerprints, ...); training checks it (`cllm.dataset_checks`).
 Collection (`cllm.collection`), the importer (`cllm.official_import`) and the data module all go through here.
 """
 
@@ -241,58 +241,6 @@ def block_size(folder: str | Path, configured: int | None) -> tuple[int, str]:
     if configured is None:
         raise UserError(f"data.init_args.n is not set and {folder} holds no dataset ({MANIFEST_NAME}) to read it from")
     return configured, "data.init_args.n"
-
-
-def check_tokenizer(manifest: dict, fingerprint: str, folder: str | Path, model: str) -> None:
-    """Training refuses data made with another tokenizer: token ids would mean different things."""
-    if manifest["tokenizer_fingerprint"] != fingerprint:
-        raise UserError(
-            f"{Path(folder) / MANIFEST_NAME}: tokenizer fingerprint {manifest['tokenizer_fingerprint']} "
-            f"(model {manifest.get('model', '?')!r}) differs from the tokenizer of model {model!r} ({fingerprint}); "
-            "collect the trajectories again with this model or train the model they were collected with"
-        )
-
-
-def check_collection_settings(manifest: dict, asked: dict, folder: str | Path) -> None:
-    """Refuse a dataset collected with other settings than the config asks (a value the manifest lacks passes)."""
-    for key, value in asked.items():
-        stored = manifest.get(key)
-        if key == "model" and stored is not None and _same_model(stored, value):
-            continue
-        if key in manifest and stored != value:
-            raise UserError(
-                f"{Path(folder) / MANIFEST_NAME}: collected with {key} = {stored!r}, the config asks {value!r}; set "
-                f"data.init_args.{key}: {stored!r} to train on these trajectories, or a new data.init_args.path to "
-                "collect into"
-            )
-
-
-def check_model_fingerprint(manifest: dict, fingerprint: str | None, folder: str | Path, model: str) -> None:
-    """Refuse trajectories collected with other weights than `model` has now (None: not computable, passes)."""
-    stored = manifest.get("model_fingerprint")
-    if stored and fingerprint and stored != fingerprint:
-        raise UserError(
-            f"{Path(folder) / MANIFEST_NAME}: collected with model weights {stored}, but data.init_args.model "
-            f"{model!r} now has weights {fingerprint}: the weights changed since collection; collect again into a "
-            "new data.init_args.path, or point data.init_args.model at the weights the trajectories came from"
-        )
-
-
-def _same_model(stored: str, asked: str) -> bool:
-    """Two model specs name the same model: equal, or the same existing path however it is spelled."""
-    if stored == asked:
-        return True
-    return Path(stored).exists() and Path(asked).exists() and Path(stored).resolve() == Path(asked).resolve()
-
-
-def check_token_ids(record: Record, vocab_size: int, where: str) -> None:
-    """Every token id of a record must exist in the vocabulary (else training fails deep inside the embedding)."""
-    lists = [record.prompt_ids, record.prefix_ids, *record.states, *record.augmented_states, record.labels or []]
-    largest = max((max(ids) for ids in lists if ids), default=0)
-    smallest = min((min(ids) for ids in lists if ids), default=0)
-    if largest >= vocab_size or smallest < 0:
-        bad = largest if largest >= vocab_size else smallest
-        raise UserError(f"{where}: token id {bad} is outside the vocabulary (0..{vocab_size - 1}) of the tokenizer")
 
 
 def longest_run(tokens: list[int]) -> int:
