@@ -76,7 +76,8 @@ class AcceptedTokensCallback(Callback):
         prompts: prompt source (`load_prompts` syntax); None takes `trainer.datamodule.validation_prompts()`.
         num_prompts: how many prompts to decode (the first ones).
         n: Jacobi block size; `cllm fit` links the data's n into it; None takes the trained module's `n`.
-        max_new_tokens: generation budget per prompt.
+        max_new_tokens: generation budget per prompt (default: the data's, as the trajectories were collected;
+            `cllm fit` links it).
         every_k_validations: measure at every k-th validation (the base model is measured once at train start).
         batch_size: prompts per Jacobi batch on each rank.
         chat_template: encode through the chat template; None takes the data module's setting (default True).
@@ -91,7 +92,7 @@ class AcceptedTokensCallback(Callback):
         prompts: str | None = None,
         num_prompts: int = 16,
         n: int | None = None,
-        max_new_tokens: int = 64,
+        max_new_tokens: int | None = None,
         every_k_validations: int = 1,
         batch_size: int = 8,
         chat_template: bool | None = None,
@@ -187,6 +188,14 @@ class AcceptedTokensCallback(Callback):
             raise UserError("AcceptedTokensCallback: no block size n (set data.init_args.n; `cllm fit` links it here)")
         return n
 
+    def budget(self, trainer: Trainer) -> int:
+        """The generation budget: the linked or given one, else the data module's (no silent default)."""
+        hparams = getattr(getattr(trainer, "datamodule", None), "hparams", {})
+        budget = self.max_new_tokens or hparams.get("max_new_tokens")
+        if budget is None:
+            raise UserError("AcceptedTokensCallback: no max_new_tokens (set data.init_args.max_new_tokens)")
+        return budget
+
     def measure(self, trainer: Trainer, pl_module: LightningModule, record_base: bool = False) -> dict[str, float]:
         """Decode the prompts with the current weights on every rank (lockstep) and return the reduced metrics."""
         strategy = trainer.strategy
@@ -208,7 +217,7 @@ class AcceptedTokensCallback(Callback):
                 n=self.block_size(pl_module),
                 decoder=self.decoder,
                 decoder_options=self.decoder_options,
-                max_new_tokens=self.max_new_tokens,
+                max_new_tokens=self.budget(trainer),
                 eos_token_id=eos_ids(pl_module.model, tokenizer),
                 pad_token_id=tokenizer.pad_token_id or 0,
             )

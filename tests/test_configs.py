@@ -122,6 +122,7 @@ def test_n_comes_from_the_data_and_is_linked_once(tmp_path, monkeypatch, caplog)
         cli = _built(["--data.init_args.n=8", "--data.init_args.path=fresh"])
     (callback,) = [c for c in cli.trainer.callbacks if isinstance(c, AcceptedTokensCallback)]
     assert cli.datamodule.n == cli.model.n == callback.n == 8
+    assert callback.max_new_tokens == cli.datamodule.hparams.max_new_tokens == 16  # one owner: the data's budget
     assert cli.datamodule.model == cli.model.hparams.model == "tiny"
     said = [r.getMessage() for r in caplog.records if "block size n=" in r.getMessage()]
     assert len(said) == 1 and said[0].startswith("block size n=8 (from data.init_args.n)"), said

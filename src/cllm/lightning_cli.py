@@ -109,7 +109,8 @@ def link_settings(config: Namespace) -> None:
     """One owner per setting. The model spec is the module's: a data module that takes `model` and leaves it unset
     follows `model.init_args.model`. The block size n is the data's (its manifest's when the dataset exists, else
     `data.init_args.n`, see `cllm.records.block_size`): it is linked into the module and every callback that takes
-    an `n`, and printed once. A module or callback n that disagrees is an error (drop it)."""
+    an `n`, and printed once. A module or callback n that disagrees is an error (drop it). A callback's unset
+    `max_new_tokens` follows the data's (the trajectories' length)."""
     data, model = _init_args(config.get("data")), _init_args(config.get("model"))
     if data is not None and model is not None and "model" in data and data.get("model") is None and "model" in model:
         data.model = model.model
@@ -122,6 +123,9 @@ def link_settings(config: Namespace) -> None:
         (f"trainer.callbacks[{i}] ({entry.class_path.rpartition('.')[2]}).init_args.n", _init_args(entry))
         for i, entry in enumerate(callbacks if isinstance(callbacks, list) else [callbacks])
     ]
+    for _, target in targets[1:]:
+        if target is not None and "max_new_tokens" in target and target.get("max_new_tokens") is None:
+            target.max_new_tokens = data.get("max_new_tokens")
     linked = []
     for name, target in targets:
         if target is None or "n" not in target:

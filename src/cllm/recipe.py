@@ -149,6 +149,8 @@ def run(settings: RunSettings, argv: list[str] | None = None) -> dict:
         *(f"--{item}" for item in settings.override),
     ]
     config = fit_config(configs, fit_args)
+    if "max_new_tokens" not in block["evaluate"]:  # one owner: the trajectories' length, unless the recipe says
+        base_evaluation.max_new_tokens = config["data"]["init_args"]["max_new_tokens"]
     base_model = config["model"]["init_args"]["model"]
     n, _ = block_size(config["data"]["init_args"]["path"], config["data"]["init_args"].get("n"))
     exported, timings = work / "model", {}
