@@ -15,7 +15,11 @@ Sections (each records its error instead of stopping the others):
 5. forcing_flex: a Jacobi Forcing row's 4D mask (a 256-token prompt, then noisy|fixed pairs of 16-token blocks, noise
    window 4) through sdpa (the boolean mask) and FlexAttention (the mask as a `BlockMask`, `cllm.models.
    flex_block_mask`) in bf16 at the 1B shape (2 layers): forward+backward ms each (forward only on the CPU dry run)
-   and the logits' largest gap.
+   and the logits' largest gap;
+6. lora_step: the llama7b-lora recipe's step at the 7B shape with random weights on one GPU: a bf16 frozen base, LoRA
+   rank 32 on every attention and MLP projection (`cllm.lora`, float32 adapters), bf16 autocast, activation
+   checkpointing, AdamW over the adapters; seconds per step, tokens/s and the peak memory, beside the estimate of
+   `benchmarks/lora_memory.py` (docs/results/lora/memory.json) that the recipe's header quotes.
 Without CUDA (and without --dry-run-cpu) it refuses in one line and exits 2.
 """
 
@@ -116,6 +120,40 @@ def train_step_check(device: str, shape: str, rows: int, length: int, steps: int
     return result
 
 
+def lora_step_check(device: str, shape: str, rank: int, rows: int, length: int, steps: int) -> dict:
+    """A LoRA training step on a bf16 frozen base (`cllm.lora`): seconds, tokens/s and peak memory."""
+    from cllm.lora import LoraSettings, add_adapters, init_adapters
+
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()  # the earlier sections' peaks are not this step's
+    model = llama(shape, device, torch.bfloat16)
+    add_adapters(model, LoraSettings(rank=rank, alpha=2.0 * rank))
+    init_adapters(model, seed=0)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    trained = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trained, lr=1e-4, fused=device == "cuda")
+    ids = torch.randint(0, model.config.vocab_size, (rows, length), device=device)
+    times = []
+    for _ in range(steps + 1):  # the first step is a warm-up
+        synchronize(device)
+        start = time.perf_counter()
+        with torch.autocast(device, dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    seconds = sorted(times[1:])[len(times[1:]) // 2]
+    result = {"shape": shape, "rank": rank, "rows": rows, "length": length, "seconds": seconds}
+    result.update(tokens_per_s=rows * length / seconds, trained_parameters=sum(p.numel() for p in trained))
+    if device == "cuda":
+        result["max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    del model, optimizer
+    return result
+
+
 def jacobi_check(device: str, spec: str, prompts: int, n: int, max_new_tokens: int, compiled: bool) -> dict:
     """Jacobi vs the fastest greedy AR through `cllm evaluate`'s engine (paired, every prompt timed)."""
     from cllm.evaluate import EvaluateSettings, evaluate
@@ -205,6 +243,7 @@ def sections(dry_run: bool) -> dict:
             "train_step_tiny": lambda: train_step_check(device, "tiny", rows=2, length=16, steps=1),
             "jacobi_eager": lambda: jacobi_check(device, "tiny", prompts=1, n=4, max_new_tokens=8, compiled=False),
             "forcing_flex": lambda: forcing_flex_check(device, "tiny", context=8, blocks=4, n=4, repeats=1),
+            "lora_step_tiny": lambda: lora_step_check(device, "tiny", rank=4, rows=2, length=16, steps=1),
         }
     return {
         "flash_attn": lambda: flash_attn_check(device),
@@ -214,6 +253,7 @@ def sections(dry_run: bool) -> dict:
         "jacobi_eager": lambda: jacobi_check(device, "smollm2-135m", 8, n=16, max_new_tokens=128, compiled=False),
         "jacobi_compiled": lambda: jacobi_check(device, "smollm2-135m", 8, n=16, max_new_tokens=128, compiled=True),
         "forcing_flex": lambda: forcing_flex_check(device, "1b", context=256, blocks=32, n=16, repeats=3),
+        "lora_step_7b": lambda: lora_step_check(device, "7b", rank=32, rows=4, length=1024, steps=3),
     }
 
 

@@ -35,7 +35,7 @@ def test_gpu_check_dry_run_on_cpu_runs_every_cpu_section(tmp_path):
     report = json.loads((tmp_path / "out.json").read_text())
     assert report["dry_run_cpu"] and report["machine"]["auto_dtype"] in {"bfloat16", "float32"}
     sections = report["sections"]
-    assert set(sections) == {"pass_cost", "train_step_tiny", "jacobi_eager", "forcing_flex"}
+    assert set(sections) == {"pass_cost", "train_step_tiny", "jacobi_eager", "forcing_flex", "lora_step_tiny"}
     assert all(section["ok"] for section in sections.values()), sections
     assert sections["train_step_tiny"]["tokens_per_s"] > 0 and sections["train_step_tiny"]["flops"] > 0
     assert sections["jacobi_eager"]["accepted_tokens_per_step"] >= 1.0
