@@ -83,5 +83,21 @@ def markdown(results: dict) -> str:
         for name, model in results["models"].items():
             lines += suite_rows(name, model[suite])
         lines.append("")
+    if "recipe" in results:
+        lines += recipe_lines(results["recipe"])
     lines += [CONVENTIONS, ""]
     return "\n".join(lines)
+
+
+def recipe_lines(recipe: dict) -> list[str]:
+    """The recipe behind a `cllm run` report: file, variant, stage times, validation curve."""
+    curve = ", ".join(f"{int(step)}: {value:.3f}" for step, value in recipe["validation_curve"]) or "-"
+    times = ", ".join(f"{stage} {seconds / 60:.1f} min" for stage, seconds in recipe["timings"].items())
+    variant = " + ".join(recipe["overlays"] + recipe["overrides"]) or "none"
+    return [
+        f"## Recipe `{recipe['file']}` ({recipe['date']})",
+        "",
+        f"Base model {recipe['base_model']}, n = {recipe['n']}; variant: {variant}; stages: {times or '-'}.",
+        f"Validation tokens/step by step (held-out validation prompts, during the fit): {curve}.",
+        "",
+    ]

@@ -1,0 +1,36 @@
+"""`cllm results`: the table is generated from committed reports, checked against a committed expected page."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from cllm.errors import UserError
+from cllm.results_table import BEGIN, END, ResultsSettings, write
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def reports(tmp_path: Path) -> Path:
+    root = tmp_path / "docs" / "results"
+    for name in ("evaluate", "recipe"):  # a `cllm evaluate` report and a `cllm run` report
+        (root / name).mkdir(parents=True)
+        shutil.copy(FIXTURES / name / "results.json", root / name / "results.json")
+    return root
+
+
+def test_the_page_and_the_readme_block_are_generated_from_the_reports(tmp_path):
+    root = reports(tmp_path)
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# intro\n\n{BEGIN}\nstale\n{END}\n\nafter\n")
+    write(ResultsSettings(root=str(root), output=str(tmp_path / "docs" / "results.md"), readme=str(readme)))
+    page = (tmp_path / "docs" / "results.md").read_text().replace(str(root), "docs/results")
+    assert page == (FIXTURES / "results_table.md").read_text()
+    text = readme.read_text()
+    assert "stale" not in text and text.startswith("# intro") and text.endswith("after\n")
+    assert "(docs/results/recipe/results.md)" in text  # links relative to the README, not to docs/
+
+
+def test_no_report_is_one_clear_error(tmp_path):
+    with pytest.raises(UserError, match="no results.json written by"):
+        write(ResultsSettings(root=str(tmp_path), output=str(tmp_path / "r.md"), readme=""))
