@@ -10,14 +10,16 @@ few MiB of the first one taken after the shuffle buffer filled.
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+from cllm.arguments import parse_settings, run_script
 from cllm.data_modules.trajectory_data import TrajectoryDataModule
+from cllm.errors import UserError
 from cllm.models import build_tiny_tokenizer, tokenizer_fingerprint
 from cllm.records import SHARD_PATTERN, write_manifest
 
@@ -54,16 +56,34 @@ def write_synthetic(folder: Path, records: int, per_shard: int) -> None:
     write_manifest(folder, {"model": "tiny", "tokenizer_fingerprint": fingerprint, "n": N, "shards": shards})
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--records", type=int, default=1_000_000)
-    parser.add_argument("--per_shard", type=int, default=50_000)
-    parser.add_argument("--batch_size", type=int, default=64)
-    parser.add_argument("--shuffle_buffer", type=int, default=1000)
-    parser.add_argument("--every", type=int, default=500, help="sample RSS every this many batches")
-    parser.add_argument("--folder", default=None, help="reuse/keep the synthetic dataset here (default: temp dir)")
-    parser.add_argument("--output", default=str(Path(__file__).with_suffix(".json")))
-    args = parser.parse_args()
+@dataclass(kw_only=True)
+class DatamoduleMemorySettings:
+    """`benchmarks/datamodule_memory.py`: the data module's RSS while streaming many synthetic records.
+
+    Args:
+        records: synthetic records written (n=16, a 48-token context, 4 states each).
+        per_shard: records per shard.
+        batch_size: records per batch.
+        shuffle_buffer: the data module's shuffle buffer (records).
+        every: sample RSS every this many batches.
+        folder: reuse/keep the synthetic dataset here (default: a temporary folder).
+        output: the JSON to write.
+    """
+
+    records: int = 1_000_000
+    per_shard: int = 50_000
+    batch_size: int = 64
+    shuffle_buffer: int = 1000
+    every: int = 500
+    folder: str | None = None
+    output: str = str(Path(__file__).with_suffix(".json"))
+
+
+def main(argv: list[str]) -> None:
+    args = parse_settings(DatamoduleMemorySettings, argv, "benchmarks/datamodule_memory.py", __doc__)
+    for key in ("records", "per_shard", "batch_size", "shuffle_buffer", "every"):
+        if getattr(args, key) < 1:
+            raise UserError(f"--{key} must be >= 1, got {getattr(args, key)}")
 
     with tempfile.TemporaryDirectory() as temp:
         folder = Path(args.folder or temp)
@@ -115,4 +135,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

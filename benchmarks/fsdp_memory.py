@@ -10,14 +10,18 @@ which both modes pay alike), and a checksum of one forward so the two loads are 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import resource
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
+
+from cllm.arguments import parse_settings, run_script
+from cllm.errors import UserError
 
 RANK_SCRIPT = Path(__file__).resolve()
 
@@ -58,23 +62,38 @@ def rank_main(mode: str, spec: str, out: Path) -> None:
 
 def run_mode(mode: str, spec: str, processes: int, out: Path) -> list[dict]:
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
-    command = [*launcher, str(RANK_SCRIPT), "--rank-mode", mode, "--model", spec, "--scratch", str(out)]
+    command = [*launcher, str(RANK_SCRIPT), "--rank_mode", mode, "--model", spec, "--scratch", str(out)]
     done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     if done.returncode != 0:
         raise SystemExit(f"{mode} load failed:\n{done.stderr[-3000:]}")
     return [json.loads((out / f"{mode}-rank{r}.json").read_text()) for r in range(processes)]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--processes", type=int, default=2)
-    parser.add_argument("--output", type=Path, default=Path("docs/results/fsdp_memory.json"))
-    parser.add_argument("--rank-mode", choices=["plain", "meta"], help=argparse.SUPPRESS)
-    parser.add_argument("--scratch", type=Path, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+@dataclass(kw_only=True)
+class FsdpMemorySettings:
+    """`benchmarks/fsdp_memory.py`: peak memory per rank of a full load then shard, against meta-device init.
+
+    Args:
+        model: model spec (cllm.models).
+        processes: ranks (CPU processes, gloo).
+        output: the JSON to write.
+        rank_mode: internal: load this way as one rank of the launched processes.
+        scratch: internal: the folder where each rank writes its figures.
+    """
+
+    model: str = "smollm2-135m"
+    processes: int = 2
+    output: str = "docs/results/fsdp_memory.json"
+    rank_mode: Literal["plain", "meta"] | None = None
+    scratch: str | None = None
+
+
+def main(argv: list[str]) -> None:
+    args = parse_settings(FsdpMemorySettings, argv, "benchmarks/fsdp_memory.py", __doc__)
+    if args.processes < 1:
+        raise UserError(f"--processes must be >= 1, got {args.processes}")
     if args.rank_mode:
-        rank_main(args.rank_mode, args.model, args.scratch)
+        rank_main(args.rank_mode, args.model, Path(args.scratch))
         return
 
     from cllm.files import write_json
@@ -102,4 +121,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -6,7 +6,7 @@
 Sections (each records its error instead of stopping the others):
 1. flash_attn: the import, and one bf16 forward with attn_implementation=flash_attention_2 against sdpa;
 2. pass_cost: ms per decode pass at the llama7b shape in bf16 for blocks 1..32 after a 256-token cache
-   (`benchmarks/pass_cost.py`);
+   (`cllm.timing.pass_seconds`, as `benchmarks/pass_cost.py` times it);
 3. train_step: FSDP2 (one process, world size 1; bf16 MixedPrecisionPolicy over float32 master weights, AdamW,
    activation checkpointing) training steps at a 1B and a 7B Llama shape with random weights: tokens/s and MFU
    (`cllm.callbacks.throughput` FLOP count over `cllm.hardware.peak_flops`);
@@ -25,14 +25,15 @@ Without CUDA (and without --dry-run-cpu) it refuses in one line and exits 2.
 
 from __future__ import annotations
 
-import argparse
-import sys
 import tempfile
 import time
 import traceback
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
+
+from cllm.arguments import parse_settings, run_script
+from cllm.errors import UserError
 
 SHAPES = {  # Llama shapes with random weights (vocab 32000)
     "1b": {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22, "num_attention_heads": 32},
@@ -65,14 +66,13 @@ def flash_attn_check(device: str) -> dict:
 
 
 def pass_cost_check(device: str, shape: str, layers: int | None, repeats: int) -> dict:
-    sys.path.insert(0, str(Path(__file__).parent))
-    from pass_cost import pass_seconds
+    from cllm.timing import pass_seconds
 
     model = llama(shape, device, torch.bfloat16, layers=layers).eval()
-    one = pass_seconds(model, 256, 1, repeats, device)
+    one = pass_seconds(model, 256, 1, repeats)
     rows = [{"block": 1, "ms": one * 1e3, "x_one_token": 1.0}]
     for block in (4, 8, 16, 32):
-        seconds = pass_seconds(model, 256, block, repeats, device)
+        seconds = pass_seconds(model, 256, block, repeats)
         rows.append({"block": block, "ms": seconds * 1e3, "x_one_token": seconds / one})
     return {"shape": shape, "layers": model.config.num_hidden_layers, "dtype": "bfloat16", "rows": rows}
 
@@ -257,15 +257,27 @@ def sections(dry_run: bool) -> dict:
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output", type=Path, default=Path("docs/results/gpu_check.json"))
-    parser.add_argument("--dry-run-cpu", action="store_true", help="tiny shapes on the CPU: tests the code, no GPU")
-    parser.add_argument("--only", nargs="+", help="run only these sections")
-    args = parser.parse_args()
+@dataclass(kw_only=True)
+class GpuCheckSettings:
+    """`benchmarks/gpu_check.py`: what our code does on a lent GPU, as one JSON.
+
+    Args:
+        output: the JSON to write.
+        dry_run_cpu: tiny shapes on the CPU: tests the code, no GPU.
+        only: run only these sections (default: all).
+    """
+
+    output: str = "docs/results/gpu_check.json"
+    dry_run_cpu: bool = False
+    only: list[str] | None = None
+
+
+def main(argv: list[str]) -> None:
+    args = parse_settings(GpuCheckSettings, argv, "benchmarks/gpu_check.py", __doc__)
     if not args.dry_run_cpu and not torch.cuda.is_available():
-        print("gpu_check needs a CUDA device and torch.cuda.is_available() is False here", file=sys.stderr)
-        raise SystemExit(2)
+        raise UserError("needs a CUDA device and torch.cuda.is_available() is False here (--dry_run_cpu: on the CPU)")
+    if unknown := sorted(set(args.only or []) - set(sections(args.dry_run_cpu))):
+        raise UserError(f"--only {unknown}: no such sections; choose among {', '.join(sections(args.dry_run_cpu))}")
 
     from cllm.files import write_json
     from cllm.hardware import auto_dtype, recorded_cpu_flags
@@ -297,4 +309,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

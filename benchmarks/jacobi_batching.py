@@ -8,24 +8,53 @@ Prints a table (tokens/s per dtype and batch size, and the ratio to batch 1 of t
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from dataclasses import replace
-from pathlib import Path
+from dataclasses import dataclass, field, replace
 
 import torch
-from decoding_args import decoding_parser
 
+from cllm.arguments import parse_settings, run_script
 from cllm.data_modules.prompts import encode_prompts, load_prompts
 from cllm.decoders import decode_batched
+from cllm.errors import UserError
 from cllm.files import write_json
 from cllm.jacobi import DecodeOptions, jacobi_generate
 from cllm.models import eos_ids, load_model
 
 
-def main() -> None:
-    parser = decoding_parser(__doc__, prompts="humaneval", dtypes=["float32", "bfloat16"])
-    parser.add_argument("--output", type=Path, default=Path("docs/results/jacobi_batching.json"))
-    args = parser.parse_args()
+@dataclass(kw_only=True)
+class BatchingSettings:
+    """`benchmarks/jacobi_batching.py`: batched against batch-1 Jacobi decoding throughput.
+
+    Args:
+        model: model spec (cllm.models).
+        prompts: prompt set: humaneval, json-extract:test, stdlib-code:test, or a .jsonl file.
+        limit: the first K prompts.
+        n: block size.
+        max_new_tokens: generation budget per prompt.
+        batch_sizes: batch sizes timed (each ratio is to the first).
+        dtypes: the dtypes timed, each in turn.
+        output: the JSON to write.
+    """
+
+    model: str = "smollm2-135m"
+    prompts: str = "humaneval"
+    limit: int = 16
+    n: int = 16
+    max_new_tokens: int = 64
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 8])
+    dtypes: list[str] = field(default_factory=lambda: ["float32", "bfloat16"])
+    output: str = "docs/results/jacobi_batching.json"
+
+
+def main(argv: list[str]) -> None:
+    args = parse_settings(BatchingSettings, argv, "benchmarks/jacobi_batching.py", __doc__)
+    for key in ("limit", "n", "max_new_tokens"):
+        if getattr(args, key) < 1:
+            raise UserError(f"--{key} must be >= 1, got {getattr(args, key)}")
+    if not args.batch_sizes or min(args.batch_sizes) < 1:
+        raise UserError(f"--batch_sizes must be >= 1, got {args.batch_sizes}")
 
     prompts = load_prompts(args.prompts, limit=args.limit)
     rows = []
@@ -69,11 +98,9 @@ def main() -> None:
             f"{r['dtype']:>9} {r['batch_size']:>5} {r['tokens']:>6} {r['seconds']:>8.2f} {r['tokens_per_s']:>9.1f} "
             f"{r['accepted_tokens_per_step']:>8.3f} {r['ratio_to_first_batch_size']:>8.2f}"
         )
-    write_json(
-        args.output, {"config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "rows": rows}
-    )
+    write_json(args.output, {"config": dataclasses.asdict(args), "rows": rows})
     print(f"wrote {args.output}")
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -13,14 +13,14 @@ bf16's resolution at that logit size (2^-7 relative, ~0.1 at logit 16) is a near
 
 from __future__ import annotations
 
-import argparse
-import sys
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import torch
 
+from cllm.arguments import parse_settings, run_script
 from cllm.data_modules.prompts import encode_prompts, load_prompts
 from cllm.decoders import DECODERS, decode_batched
+from cllm.errors import UserError
 from cllm.files import write_json
 from cllm.hardware import recorded_cpu_flags
 from cllm.jacobi import DecodeOptions
@@ -49,17 +49,39 @@ def gap_at(model, prompt: list[int], prefix: list[int], ar_token: int, other_tok
     }
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--prompts", default="json-extract:test")
-    parser.add_argument("--limit", type=int, default=16)
-    parser.add_argument("--n", type=int, default=16)
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--decoders", nargs="+", default=list(DECODERS))
-    parser.add_argument("--output", type=Path, default=None)
-    args = parser.parse_args(argv)
+@dataclass(kw_only=True)
+class AgreementSettings:
+    """`benchmarks/low_precision_agreement.py`: each decoder against greedy AR in a low-precision dtype.
+
+    Args:
+        model: model spec (cllm.models).
+        prompts: prompt set: json-extract:test, stdlib-code:test, humaneval, or a .jsonl file.
+        limit: the first K prompts.
+        n: block size.
+        max_new_tokens: generation budget per prompt.
+        dtype: the dtype compared with greedy AR in the same dtype (the partings are scored in float32).
+        decoders: the decoders compared (cllm.decoders.DECODERS).
+        output: the JSON to write (default: print only).
+    """
+
+    model: str = "smollm2-135m"
+    prompts: str = "json-extract:test"
+    limit: int = 16
+    n: int = 16
+    max_new_tokens: int = 64
+    dtype: str = "bfloat16"
+    decoders: list[str] = field(default_factory=lambda: list(DECODERS))
+    output: str | None = None
+
+
+def main(argv: list[str]) -> None:
+    args = parse_settings(AgreementSettings, argv, "benchmarks/low_precision_agreement.py", __doc__)
+    for name in args.decoders:
+        if name not in DECODERS:
+            raise UserError(f"unknown --decoders {name!r}; choose among {', '.join(DECODERS)}")
+    for key in ("limit", "n", "max_new_tokens"):
+        if getattr(args, key) < 1:
+            raise UserError(f"--{key} must be >= 1, got {getattr(args, key)}")
 
     model, tokenizer = load_model(args.model, dtype=args.dtype)
     reference, _ = load_model(args.model, dtype="float32")
@@ -69,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     ar = [greedy_ar(model, [p], max_new_tokens=args.max_new_tokens, eos=eos, pad_token_id=pad)[0] for p in ids]
     ar32 = [greedy_ar(reference, [p], max_new_tokens=args.max_new_tokens, eos=eos, pad_token_id=pad)[0] for p in ids]
     result = {
-        "command": "python benchmarks/low_precision_agreement.py " + " ".join(argv or sys.argv[1:]),
+        "command": "python benchmarks/low_precision_agreement.py " + " ".join(argv),
         "cpu_flags": recorded_cpu_flags(),
         "model": args.model,
         "dtype": args.dtype,
@@ -100,4 +122,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

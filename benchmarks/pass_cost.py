@@ -12,17 +12,16 @@ and writes JSON (--output).
 
 from __future__ import annotations
 
-import argparse
-import statistics
-import time
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import torch
-from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
+from transformers import AutoModelForCausalLM, LlamaConfig
 
+from cllm.arguments import parse_settings, run_script
+from cllm.errors import UserError
 from cllm.files import write_json
-from cllm.jacobi import cache_argument
 from cllm.models import load_model, resolve_dtype
+from cllm.timing import pass_seconds
 
 # Random-weight shapes (the cost of a pass depends on the shape, not on the weights).
 SHAPES = {
@@ -50,51 +49,44 @@ def build(shape: str, dtype: torch.dtype, device: str, layers: int | None) -> to
         return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
 
 
-def synchronize(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+@dataclass(kw_only=True)
+class PassCostSettings:
+    """`benchmarks/pass_cost.py`: the cost of one decode pass over a block against a 1-token pass.
+
+    Args:
+        shape: a model spec (cllm.models), or a random-weight shape: llama7b.
+        layers: override the layer count of a random shape.
+        device: cpu | cuda | cuda:1 ...
+        dtypes: the dtypes measured, each in turn.
+        context: KV cache length before the block.
+        blocks: block sizes measured (with 1: every ratio is to the 1-token pass).
+        repeats: timed passes per block (their median; after one warm-up pass).
+        output: the JSON to write.
+    """
+
+    shape: str = "smollm2-135m"
+    layers: int | None = None
+    device: str = "cpu"
+    dtypes: list[str] = field(default_factory=lambda: ["float32", "bfloat16"])
+    context: int = 256
+    blocks: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64])
+    repeats: int = 10
+    output: str = "docs/results/pass_cost.json"
 
 
-@torch.no_grad()
-def pass_seconds(model, context: int, block: int, repeats: int, device: str) -> float:
-    """Median seconds of one forward over `block` new tokens after a `context`-token KV cache (the cache is cropped
-    back after every pass, so each pass sees the same cache length, as a Jacobi step does)."""
-    vocab = model.config.vocab_size
-    generator = torch.Generator().manual_seed(0)
-    prompt = torch.randint(0, vocab, (1, context), generator=generator).to(device)
-    tokens = torch.randint(0, vocab, (1, block), generator=generator).to(device)
-    cache = DynamicCache(config=model.config)
-    model(input_ids=prompt, use_cache=True, logits_to_keep=1, **cache_argument(model, cache))
-    positions = torch.arange(context, context + block, device=device)[None]
-    times = []
-    for _ in range(repeats + 1):  # the first pass is a warm-up
-        synchronize(device)
-        start = time.perf_counter()
-        model(input_ids=tokens, position_ids=positions, use_cache=True, **cache_argument(model, cache))
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-        cache.crop(-block)  # drop the block's slots again
-    return statistics.median(times[1:])
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", default="smollm2-135m", help=f"a model spec, or a random shape: {list(SHAPES)}")
-    parser.add_argument("--layers", type=int, default=None, help="override the layer count of a random shape")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
-    parser.add_argument("--context", type=int, default=256, help="KV cache length before the block")
-    parser.add_argument("--blocks", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--output", type=Path, default=Path("docs/results/pass_cost.json"))
-    args = parser.parse_args()
+def main(argv: list[str]) -> None:
+    args = parse_settings(PassCostSettings, argv, "benchmarks/pass_cost.py", __doc__)
+    if 1 not in args.blocks or min(args.blocks) < 1:
+        raise UserError(f"--blocks must be >= 1 and hold 1 (the pass every ratio is to), got {args.blocks}")
+    if args.repeats < 1:
+        raise UserError(f"--repeats must be >= 1, got {args.repeats}")
 
     rows = []
     for dtype_name in args.dtypes:
         model = build(args.shape, resolve_dtype(dtype_name), args.device, args.layers)
-        one = pass_seconds(model, args.context, 1, args.repeats, args.device)
+        one = pass_seconds(model, args.context, 1, args.repeats)
         for block in args.blocks:
-            seconds = one if block == 1 else pass_seconds(model, args.context, block, args.repeats, args.device)
+            seconds = one if block == 1 else pass_seconds(model, args.context, block, args.repeats)
             rows.append({"dtype": dtype_name, "block": block, "ms": seconds * 1e3, "x_one_token": seconds / one})
         del model
     fastest_one = min(r["ms"] for r in rows if r["block"] == 1)
@@ -114,4 +106,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

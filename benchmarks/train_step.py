@@ -12,15 +12,17 @@ what `dtype: auto` picks here.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import statistics
 import time
-from pathlib import Path
+from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
+from cllm.arguments import parse_settings, run_script
 from cllm.data_modules.trajectory_data import collate, collate_packed
+from cllm.errors import UserError
 from cllm.files import write_json
 from cllm.hardware import auto_dtype, recorded_cpu_flags
 from cllm.module import CLLMModule, real_tokens
@@ -62,14 +64,29 @@ def step_seconds(module: CLLMModule, data: dict, autocast: bool, repeats: int) -
     return statistics.median(times[1:]), loss
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--n", type=int, default=16)
-    parser.add_argument("--layouts", nargs="+", default=["cllm"], choices=["cllm", "pack"])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--output", type=Path, default=Path("docs/results/train_step.json"))
-    args = parser.parse_args()
+@dataclass(kw_only=True)
+class TrainStepSettings:
+    """`benchmarks/train_step.py`: training step time of full against sliced logits, float32 against bf16 autocast.
+
+    Args:
+        model: model spec (cllm.models).
+        n: block size (tokens per state).
+        layouts: batch layouts measured: cllm (one state per row) | pack (4 states per row).
+        repeats: timed steps per variant (their median; after one warm-up step).
+        output: the JSON to write.
+    """
+
+    model: str = "smollm2-135m"
+    n: int = 16
+    layouts: list[Literal["cllm", "pack"]] = field(default_factory=lambda: ["cllm"])
+    repeats: int = 3
+    output: str = "docs/results/train_step.json"
+
+
+def main(argv: list[str]) -> None:
+    args = parse_settings(TrainStepSettings, argv, "benchmarks/train_step.py", __doc__)
+    if args.n < 1 or args.repeats < 1:
+        raise UserError(f"--n and --repeats must be >= 1, got {args.n} and {args.repeats}")
 
     choice = auto_dtype("cpu")
     rows = []
@@ -115,4 +132,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -13,13 +13,15 @@ from __future__ import annotations
 import json
 import platform
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from decoding_args import decoding_parser
 
+from cllm.arguments import parse_settings, run_script
 from cllm.collection import row_seed
 from cllm.data_modules.prompts import encode_prompts, load_prompts
+from cllm.errors import UserError
 from cllm.models import eos_ids, load_model
 from cllm.runners import cut_at_eos
 from cllm.trajectory import collect_trajectories
@@ -61,12 +63,42 @@ def run(model, tokenizer, prompt_ids, batch_size: int, n: int, max_new_tokens: i
     }
 
 
-def main() -> None:
-    parser = decoding_parser(__doc__, prompts="stdlib-code:train", dtypes=["float32"])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--output", default=str(Path(__file__).with_suffix(".json")))
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 on a busy shared machine)")
-    args = parser.parse_args()
+@dataclass(kw_only=True)
+class CollectionSpeedSettings:
+    """`benchmarks/trajectory_collection.py`: batched against batch-1 trajectory collection speed.
+
+    Args:
+        model: model spec (cllm.models).
+        prompts: prompt source (as `cllm trajectories --prompts`).
+        limit: the first K prompts.
+        n: block size.
+        max_new_tokens: generated tokens per prompt.
+        batch_sizes: batch sizes timed (each speedup is to the first).
+        dtypes: the dtypes timed, each in turn.
+        device: cpu | cuda | cuda:1 ... (default: cuda where there is one).
+        output: the JSON to write.
+        threads: torch CPU threads (1 on a busy shared machine; default: torch's).
+    """
+
+    model: str = "smollm2-135m"
+    prompts: str = "stdlib-code:train"
+    limit: int = 16
+    n: int = 16
+    max_new_tokens: int = 64
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 8])
+    dtypes: list[str] = field(default_factory=lambda: ["float32"])
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    output: str = str(Path(__file__).with_suffix(".json"))
+    threads: int | None = None
+
+
+def main(argv: list[str]) -> None:
+    args = parse_settings(CollectionSpeedSettings, argv, "benchmarks/trajectory_collection.py", __doc__)
+    for key in ("limit", "n", "max_new_tokens"):
+        if getattr(args, key) < 1:
+            raise UserError(f"--{key} must be >= 1, got {getattr(args, key)}")
+    if not args.batch_sizes or min(args.batch_sizes) < 1:
+        raise UserError(f"--batch_sizes must be >= 1, got {args.batch_sizes}")
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -120,4 +152,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

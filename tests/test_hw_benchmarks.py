@@ -1,7 +1,9 @@
-"""The hardware benchmarks run on CPU at tiny shapes: gpu_check's refusal and dry run, train_step, fsdp_memory."""
+"""The benchmarks parse like every `cllm` command, and the hardware ones run on CPU at tiny shapes: gpu_check's
+refusal and dry run, pass_cost, train_step."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -9,6 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from cllm.errors import UserError
 
 BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
@@ -19,13 +23,48 @@ def script(name: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(command, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=300)
 
 
+def load(path: Path):
+    """A benchmark script as a module (registered, so that its settings dataclass resolves its type hints)."""
+    spec = importlib.util.spec_from_file_location(f"benchmark_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("path", sorted(BENCHMARKS.glob("*.py")), ids=lambda path: path.name)
+def test_every_benchmark_parses_like_a_cllm_command(path, capsys):
+    main = load(path).main
+    with pytest.raises(SystemExit) as done:
+        main(["--help"])
+    assert done.value.code == 0
+    assert "--config CONFIG" in capsys.readouterr().out  # jsonargparse's, with --print_config
+    with pytest.raises(UserError, match="unrecognized arguments: --bogus"):
+        main(["--bogus", "1"])
+
+
 def test_gpu_check_refuses_without_cuda_in_one_line(tmp_path):
     done = script("gpu_check.py", "--output", str(tmp_path / "out.json"), cwd=tmp_path)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
-        "gpu_check needs a CUDA device and torch.cuda.is_available() is False here"
+        f"{BENCHMARKS / 'gpu_check.py'}: error: needs a CUDA device and torch.cuda.is_available() is False here "
+        "(--dry_run_cpu: on the CPU)"
     ]
     assert not (tmp_path / "out.json").exists()
+
+
+def test_pass_cost_times_a_tiny_model_per_block_and_dtype(tmp_path):
+    pass_cost = load(BENCHMARKS / "pass_cost.py")
+    with pytest.raises(UserError, match="--repeats: expected int, got 'many'"):
+        pass_cost.main(["--repeats", "many"])
+    with pytest.raises(UserError, match="--blocks must be >= 1 and hold 1"):
+        pass_cost.main(["--blocks", "2", "4"])
+    out = tmp_path / "pass_cost.json"
+    tiny = ["--shape", "tiny", "--dtypes", "float32", "--blocks", "1", "4", "--context", "8", "--repeats", "1"]
+    pass_cost.main([*tiny, "--output", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [(row["dtype"], row["block"]) for row in rows] == [("float32", 1), ("float32", 4)]
+    assert rows[0]["x_one_token"] == 1.0 and rows[1]["ms"] > 0
 
 
 @pytest.mark.slow

@@ -13,8 +13,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import sys
 import types
 import typing
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
@@ -158,3 +160,13 @@ def parse_settings(settings: type[Settings], argv: list[str], prog: str, descrip
             raise
         raise UserError(one_line(str(err), parser)) from None
     return settings(**{f.name: parsed[f.name] for f in dataclasses.fields(settings)})
+
+
+def run_script(main: Callable[[list[str]], None]) -> None:
+    """`main(sys.argv[1:])` of a script (`benchmarks/`) as `cllm` runs a command: a `UserError` is one line on stderr
+    naming the script, and exit code 2."""
+    try:
+        main(sys.argv[1:])
+    except UserError as err:
+        print(f"{sys.argv[0]}: error: {err}", file=sys.stderr)
+        sys.exit(2)
