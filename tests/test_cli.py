@@ -171,7 +171,7 @@ def test_config_file_feeds_any_command(tmp_path, monkeypatch, capsys):
         (["generate", "--model", "tiny"], "--prompt is required"),
         (["export", "--ckpt", "a", "--output", "b", "--bogus", "1"], "unrecognized arguments: --bogus 1"),
         (["fit", "--config", "tiny.yaml", "--trainer.max_steps=abc"], "--trainer.max_steps: expected int, got 'abc'"),
-        (["ablate", "--root", "r"], "--base BASE.yaml is required"),
+        (["ablate", "--root", "r"], "give one of --base BASE.yaml or --recipe RECIPE.yaml"),
     ],
 )
 def test_bad_flag_is_one_line_naming_the_option(argv, message, capsys):
