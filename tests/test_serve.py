@@ -73,9 +73,17 @@ def server(tmp_path_factory):
         pytest.fail("cllm serve was not healthy within 240 s")
     process.url, process.port = url, port
     yield process
-    if process.poll() is None:
-        process.kill()
-        process.wait(30)
+    if process.poll() is None:  # a test failed before the SIGTERM test: stop it the clean way, then make sure
+        import psutil
+
+        family = psutil.Process(process.pid).children(recursive=True)
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        for child in psutil.wait_procs(family, timeout=30)[1]:
+            child.kill()
 
 
 @pytest.fixture(scope="module")
@@ -242,6 +250,8 @@ def test_bad_requests_answer_4xx_and_the_server_serves_on(client, server):
         with pytest.raises(error, match=message):
             reply = client.chat.completions.create(**request)
             list(reply) if request.get("stream") else None
+    with pytest.raises(openai.BadRequestError, match="vocabulary"):
+        client.completions.create(model=MODEL, prompt=[5, 10**6], max_tokens=2)
     after = client.chat.completions.create(model=MODEL, messages=user, max_tokens=3)
     assert after.usage.completion_tokens == 3 and after.choices[0].finish_reason == "length"
 

@@ -6,6 +6,7 @@ Routes: `POST /v1/chat/completions`, `POST /v1/completions` (both streaming or n
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -75,6 +76,8 @@ def check_serve_settings(settings: ServeSettings) -> ServeSettings:
         raise UserError("--n auto is a bench option (it measures on a prompt set); give serve an integer")
     if settings.compile:
         raise UserError("--compile is not served (its static cache holds a fixed batch); leave it out")
+    if getattr(settings, "temperature", 0):  # a DecodeSettings field once sampling lands; serve takes it per request
+        raise UserError("--temperature: sampling is chosen per request (its temperature field), not by the server")
     check_decoding_settings(settings.as_decoding())
     host = "127.0.0.1" if settings.host == "localhost" else settings.host
     if host not in HOSTS:
@@ -106,7 +109,7 @@ def serve(settings: ServeSettings) -> None:
     """Start the server and block until SIGINT or SIGTERM."""
     import litserve as ls
 
-    from cllm.serve_worker import CLLMAPI
+    from cllm.serve_worker import CLLMAPI, exit_with_parent
 
     settings = check_serve_settings(settings)
     api = CLLMAPI(settings)
@@ -115,6 +118,15 @@ def serve(settings: ServeSettings) -> None:
     # default 30 s on a slow CPU); clients set their own timeout (openai's default: 600 s).
     server = ls.LitServer(api, accelerator=accelerator, devices=1, timeout=False, track_requests=False)
     server.uvicorn_graceful_timeout = 5  # open streams get 5 s to finish on shutdown, not 30
+    lifespan = server.app.router.lifespan_context
+
+    @contextlib.asynccontextmanager
+    async def exit_with_main(app):  # runs in the HTTP process, forked from this one
+        exit_with_parent()
+        async with lifespan(app):
+            yield
+
+    server.app.router.lifespan_context = exit_with_main
     signal.signal(signal.SIGTERM, _stop_on_sigterm(os.getpid()))
     print(
         f"cllm serve: loading {settings.model} ({settings.decoder} n={settings.block_size}, {settings.batching} "

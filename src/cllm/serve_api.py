@@ -21,7 +21,7 @@ from litserve.specs.base import LitSpec
 from litserve.utils import LitAPIStatus, ResponseBufferItem
 
 from cllm.serve_metrics import Metrics
-from cllm.serve_requests import APIError, Job, parse_job, parse_json
+from cllm.serve_requests import APIError, Job, parse_job, parse_json, read_body
 
 
 class Disconnected(Exception):
@@ -133,6 +133,7 @@ class Reply:
         self.tokens: list[list[int]] = [[] for _ in job.rows]
         self.last: list[dict | None] = [None] * len(job.rows)  # each row's latest message (its running totals)
         self.first_token_at: float | None = None
+        self.checked_at = started  # when the client's connection was last checked
         self.closed = False
         routes.metrics.in_flight += 1
         for uid, queue, payload in zip(self.uids, self.queues, job.rows):
@@ -140,12 +141,16 @@ class Reply:
             routes.request_queue.put((routes.response_queue_id, uid, time.monotonic(), payload))
 
     async def wait(self) -> None:
-        """Until a message arrives; a client gone meanwhile raises `Disconnected`."""
+        """Until a message arrives (1 s at most); a client gone meanwhile raises `Disconnected`, checked once a
+        second even while messages keep coming (a non-streamed request notices nothing else)."""
         try:
             await asyncio.wait_for(self.event.wait(), timeout=1.0)
         except asyncio.TimeoutError:
+            pass
+        if time.monotonic() - self.checked_at >= 1.0:
+            self.checked_at = time.monotonic()
             if await self.request.is_disconnected():
-                raise Disconnected from None
+                raise Disconnected
 
     async def started(self) -> None:
         """Until every row has answered once: its first pass, or its refusal (raised as `APIError`)."""
@@ -273,20 +278,6 @@ class Reply:
         kind = "chat.completion" if self.job.kind == "chat" else "text_completion"
         body = {"id": self.id, "object": kind, "created": self.created, "model": self.routes.settings.model_name}
         return body | {"choices": choices, "usage": self.usage(), "cllm": self.totals()}
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The body, refused with 413 past `limit` bytes (by its Content-Length or as it streams in)."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise APIError(413, f"the request body is {declared} bytes, more than this server's limit of {limit}")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise APIError(413, f"the request body is more than this server's limit of {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def without_status(body: dict) -> dict:

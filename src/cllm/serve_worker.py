@@ -10,7 +10,9 @@ rows in it: the worker lives on.
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import os
 import signal
 import sys
 import time
@@ -24,7 +26,6 @@ from cllm.data_modules.prompts import check_context, encode_prompt
 from cllm.errors import UserError
 from cllm.generate import load_for_decoding
 from cllm.models import context_length, eos_ids
-from cllm.serve import ServeSettings
 from cllm.serve_api import OpenAIRoutes
 from cllm.serve_engine import StepDecoder
 from cllm.serve_requests import error_body
@@ -37,16 +38,18 @@ SENTINEL = (None, None, None, None)  # what LitServe puts in the queue to stop a
 class CLLMAPI(ls.LitAPI):
     """The model, its tokenizer and the step decoder, set up once in the worker process."""
 
-    def __init__(self, settings: ServeSettings) -> None:
+    def __init__(self, settings) -> None:  # a `cllm.serve.ServeSettings` (imported there, not here: no circle)
         super().__init__(max_batch_size=settings.max_batch_size, spec=OpenAIRoutes(settings), loop=DecodeLoop())
         self.settings = settings
 
     def setup(self, device) -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C reaches the whole group: the main process shuts us down
+        exit_with_parent()
         settings = self.settings
         self.model, self.tokenizer = load_for_decoding(settings.as_decoding())
         self.model.eval()
         self.context_length = context_length(self.model)
+        self.vocab_size = self.model.get_input_embeddings().num_embeddings
         self.eos_ids = eos_ids(self.model, self.tokenizer)
         self.engine = StepDecoder(
             self.model,
@@ -79,6 +82,8 @@ class CLLMAPI(ls.LitAPI):
             ids = self.encode_messages(payload["messages"])
         if not ids:
             raise UserError("the prompt encodes to no tokens")
+        if not all(0 <= token < self.vocab_size for token in ids):  # else the whole batch's pass fails
+            raise UserError(f"prompt token ids must be in [0, {self.vocab_size}), the model's vocabulary")
         check_context(ids, payload["max_tokens"], self.context_length, "the request")
         return ids
 
@@ -191,3 +196,14 @@ class DecodeLoop(LitLoop):
 
 def engine_keys(engine: StepDecoder):
     return [row.key for row in engine.rows]
+
+
+def exit_with_parent() -> None:
+    """Linux: have the kernel send this process SIGTERM when the main process dies, even by SIGKILL, so that no
+    worker (holding the model) or HTTP server (holding the port) outlives it. Elsewhere: nothing."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+    except (AttributeError, OSError):
+        return
+    if os.getppid() == 1:  # the main process died before the call
+        os.kill(os.getpid(), signal.SIGTERM)
