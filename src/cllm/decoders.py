@@ -44,41 +44,13 @@ from cllm.jacobi import (
     jacobi_generate,
     prefill,
 )
+from cllm.ngram_pool import NGramPool
+from cllm.sampling import SamplingSettings, sampled_decoder
 
 DEFAULT_BLOCKS = 2  # K: blocks in flight for multiblock
 DEFAULT_THRESHOLD = 0.5  # r: settled share of block 1 that starts a draft block
 DEFAULT_CANDIDATES = 2  # G: pool n-grams verified per pass for recycle
 DEFAULT_POOL_SIZE = 8  # n-grams kept per first token and row (most recent first)
-
-
-class NGramPool:
-    """Bounded n-gram pool of one row: up to `per_key` distinct n-grams per first token, most recent first."""
-
-    def __init__(self, length: int, per_key: int) -> None:
-        self.length, self.per_key = length, per_key
-        self.grams: dict[int, list[tuple[int, ...]]] = {}
-
-    def add(self, gram: Sequence[int]) -> None:
-        gram = tuple(gram)
-        if len(gram) < 2:
-            return
-        bucket = self.grams.setdefault(gram[0], [])
-        if gram in bucket:
-            bucket.remove(gram)
-        bucket.insert(0, gram)
-        del bucket[self.per_key :]
-
-    def add_all(self, tokens: Sequence[int], starts: range | None = None) -> None:
-        """Add the n-grams of `tokens` starting at `starts` (default: every start with a full n-gram)."""
-        tokens = list(tokens)
-        for start in starts if starts is not None else range(len(tokens) - self.length + 1):
-            self.add(tokens[start : start + self.length])
-
-    def candidates(self, first: int, count: int, exclude: Sequence[int]) -> list[tuple[int, ...]]:
-        """Up to `count` n-grams starting with `first`, skipping those that are a prefix of `exclude`."""
-        exclude = tuple(exclude)
-        picked = [g for g in self.grams.get(first, []) if exclude[: len(g)] != g]
-        return picked[:count]
 
 
 @dataclass
@@ -326,6 +298,7 @@ def decode_batched(
     min_batches: int = 0,
     options: DecodeOptions | None = None,
     decoder_options: dict | None = None,
+    sampling: SamplingSettings | None = None,
     **fields,
 ) -> JacobiResult:
     """Decode `prompts` in batches of `batch_size` with one decoder and merge the results in prompt order.
@@ -340,6 +313,8 @@ def decode_batched(
         options: the settings every decoder takes (default: `DecodeOptions()`).
         decoder_options: the decoder's own settings (blocks, threshold, candidates, pool_size, ngram); a named
             decoder gets only those it takes (see DECODER_OPTIONS), so one dict serves every decoder.
+        sampling: draw tokens (`cllm.sampling`; a decoder by name, refused where it cannot sample exactly);
+            None or temperature 0: greedy.
         fields: `DecodeOptions` fields that replace those of `options`, so keyword callers need not build one
             (`decode_batched(model, prompts, batch_size=8, n=16, max_new_tokens=64, eos_token_id=2)`).
     """
@@ -349,7 +324,10 @@ def decode_batched(
         if decoder not in DECODERS:
             raise ValueError(f"unknown decoder {decoder!r}; choose one of {', '.join(DECODERS)}")
         own = {k: v for k, v in own.items() if k in DECODER_OPTIONS[decoder]}
-        decoder = DECODERS[decoder]
+        greedy = sampling is None or sampling.greedy
+        decoder = DECODERS[decoder] if greedy else sampled_decoder(decoder, sampling, model)
+    elif sampling is not None and not sampling.greedy:
+        raise ValueError("sampled decoding takes a decoder by name (see cllm.sampling.SAMPLED_DECODERS)")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     batches = max(math.ceil(len(prompts) / batch_size), min_batches)

@@ -22,6 +22,7 @@ from cllm.decoders import (
 from cllm.errors import UserError
 from cllm.jacobi import DecodeOptions
 from cllm.models import context_length, eos_ids, load_model
+from cllm.sampling import SamplingSettings, check_sampled_decoder
 
 
 @dataclass(kw_only=True)
@@ -43,6 +44,10 @@ class DecodeSettings:
         pool_size: n-grams kept per first token and row (recycle).
         ngram: pool n-gram length (recycle; default n).
         compile: the fast path: static KV cache + torch.compile (greedy AR and the fixed-shape jacobi step).
+        temperature: 0: greedy (the default); > 0: sample, exact in distribution (jacobi; see `cllm.sampling`).
+        top_k: sample among the k most likely tokens (0: all).
+        top_p: sample among the fewest most likely tokens whose probability reaches top_p (1.0: all).
+        seed: seed of the draws and of the initial guesses: the same seed gives the same output.
     """
 
     model: str
@@ -59,6 +64,14 @@ class DecodeSettings:
     pool_size: int = DEFAULT_POOL_SIZE
     ngram: int | None = None
     compile: bool = False
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def sampling(self) -> SamplingSettings:
+        """The sampling settings (`SamplingSettings`; refuses impossible values)."""
+        return SamplingSettings(self.temperature, self.top_k, self.top_p, self.seed)
 
     def decoder_options(self) -> dict:
         """The decoders' own settings, for `cllm.decoders.decode_batched(decoder_options=...)`."""
@@ -108,6 +121,8 @@ def check_decoding_settings(settings: DecodeSettings) -> None:
     for name in [names] if isinstance(names, str) else names:
         if name not in DECODERS:
             raise UserError(f"unknown --decoder {name!r}; choose one of {', '.join(DECODERS)}")
+        if not settings.sampling().greedy:
+            check_sampled_decoder(name, settings.compile)
     budget = getattr(settings, "max_new_tokens", 1)
     if budget < 1:
         raise UserError(f"--max_new_tokens must be >= 1, got {budget}")
@@ -134,7 +149,9 @@ def generate(settings: GenerateSettings) -> None:
         eos_token_id=eos_ids(model, tokenizer),
         pad_token_id=tokenizer.pad_token_id,
         init=settings.init,
+        seed=settings.seed,
     )
+    sampling = settings.sampling()
     if settings.compile:
         result = static_jacobi_generate(model, [prompt_ids], options)
     else:
@@ -145,10 +162,12 @@ def generate(settings: GenerateSettings) -> None:
             decoder=settings.decoder,
             options=options,
             decoder_options=settings.decoder_options(),
+            sampling=sampling,
         )
     seconds = time.perf_counter() - start
     tokens = result.tokens[0]
     label = f"{settings.decoder} n={settings.n}" + (" compiled" if settings.compile else "")
+    label += "" if sampling.greedy else f" {sampling.label()}"
     print(tokenizer.decode(tokens, skip_special_tokens=True))
     print(
         f"[{label}] {len(tokens)} tokens in {result.forward_passes[0]} decode passes: "

@@ -10,11 +10,11 @@ known to be correct:
 pass commits at least one token that greedy AR would also have produced, so the output equals greedy AR
 token for token. The figure of merit is generated tokens / decode passes (prefill excluded): AR is 1.0.
 
-`jacobi_step` is that update alone; `jacobi_generate` is the loop around it (KV cache, budget, EOS, finished
-rows). `DecodeOptions` holds the settings every decoder takes (n, budget, EOS, padding, initial guess, seed, the
-lockstep hook); a decoder's own settings are its keyword arguments. The decoders beyond one block and the one
-batched-decode helper used by bench, the accepted-tokens callback and the headline (`decode_batched`, decoders by
-name in `DECODERS`) live in `cllm.decoders`.
+`jacobi_step` is that update alone (`GreedyRule`); `jacobi_generate` is the loop around it (KV cache, budget, EOS,
+finished rows); `cllm.sampling` puts an exact sampled rule in the same loop. `DecodeOptions` holds the settings
+every decoder takes (n, budget, EOS, padding, initial guess, seed, the lockstep hook); a decoder's own settings are
+its keyword arguments. The decoders beyond one block and the one batched-decode helper used by bench, the
+accepted-tokens callback and the headline (`decode_batched`, decoders by name in `DECODERS`) live in `cllm.decoders`.
 
 Batched rows accept different lengths per pass. The cache stays rectangular: it keeps the slots up to
 the longest accepted run of the batch, and each row's rejected slots are masked out ("holes").
@@ -23,15 +23,14 @@ Positions are logical (per row), so a hole never shifts the rotary positions of 
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache
+
+from cllm.prefill import Prompts, cache_argument, greedy_pick, left_pad, prefill  # noqa: F401 (left_pad: re-exported)
 
 INIT_STRATEGIES = ("context", "repeat", "pad")
-Prompts = Sequence[Sequence[int]]  # a batch: one list of token ids per row, rows of any lengths
 
 
 @dataclass(frozen=True)
@@ -130,6 +129,26 @@ def jacobi_step(block: torch.Tensor, predictions: torch.Tensor) -> tuple[torch.T
     return accepted, carried, index >= n
 
 
+class GreedyRule:
+    """How `jacobi_generate` picks and accepts tokens: argmax predictions and `jacobi_step` (the default).
+
+    A rule has four methods: `first` (the prefill's known-correct token from its last logits), `step` (one pass's
+    logits -> accepted lengths, carried tokens, slots needing a guess), `refill` (the next block) and `keep` (rows
+    that stay). `cllm.sampling.SampledJacobiRule` is the other one: the same loop, sampled exactly.
+    """
+
+    first = staticmethod(greedy_pick)
+
+    def step(self, block: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return jacobi_step(block, logits.argmax(-1).cpu())
+
+    def refill(self, needs_guess: torch.Tensor, fresh: torch.Tensor, carried: torch.Tensor) -> torch.Tensor:
+        return torch.where(needs_guess, fresh, carried)
+
+    def keep(self, index: torch.Tensor) -> None:
+        pass
+
+
 def initial_guess(
     prompts: Sequence[torch.Tensor], count: int, strategy: str, pad_token_id: int, generator: torch.Generator
 ) -> torch.Tensor:
@@ -150,14 +169,18 @@ def initial_guess(
 
 
 @torch.no_grad()
-def jacobi_generate(model: torch.nn.Module, prompts: Prompts, options: DecodeOptions) -> JacobiResult:
-    """Greedy Jacobi decoding of a batch of prompts (token id lists of any lengths).
+def jacobi_generate(
+    model: torch.nn.Module, prompts: Prompts, options: DecodeOptions, rule: GreedyRule | None = None
+) -> JacobiResult:
+    """Jacobi decoding of a batch of prompts (token id lists of any lengths): greedy, or sampled with a `rule`.
 
     Args:
         model: a Hugging Face causal LM (input_ids, attention_mask, position_ids, KV cache).
         prompts: one list of token ids per row; rows may differ in length and finish at different times.
         options: block size, budget, EOS, padding, initial guess, seed and lockstep hook (`DecodeOptions`).
+        rule: how tokens are picked and accepted (default `GreedyRule`; sampled: `cllm.sampling`).
     """
+    rule = rule or GreedyRule()
     n, pad_token_id, all_done = options.n, options.pad_token_id, options.all_done
     device = next(model.parameters()).device
     generator = options.generator()
@@ -171,7 +194,7 @@ def jacobi_generate(model: torch.nn.Module, prompts: Prompts, options: DecodeOpt
         raise ValueError("every prompt needs at least one token")
 
     prompt_tensors = [torch.as_tensor(list(prompt), dtype=torch.long) for prompt in prompts]
-    cache, attention_mask, next_position, known = prefill(model, prompt_tensors, pad_token_id)
+    cache, attention_mask, next_position, known = prefill(model, prompt_tensors, pad_token_id, rule.first)
     block = _fill_block(known[:, None], prompt_tensors, options, generator)
     rows = list(range(batch))  # original index of each active row
 
@@ -190,8 +213,7 @@ def jacobi_generate(model: torch.nn.Module, prompts: Prompts, options: DecodeOpt
             use_cache=True,
             **cache_argument(model, cache),
         )
-        predictions = out.logits.argmax(-1).cpu()
-        accepted, carried, needs_guess = jacobi_step(block, predictions)
+        accepted, carried, needs_guess = rule.step(block, out.logits)
 
         finished = []
         for i, row in enumerate(rows):
@@ -207,14 +229,15 @@ def jacobi_generate(model: torch.nn.Module, prompts: Prompts, options: DecodeOpt
 
         # Next block: the known-correct token q[a-1], the later predictions q[a:], then fresh guesses.
         fresh = _fill_block(carried[:, :1], [prompt_tensors[row] for row in rows], options, generator)
-        block = torch.where(needs_guess, fresh, carried)
+        block = rule.refill(needs_guess, fresh, carried)
 
         if finished:
-            keep = [i for i in range(len(rows)) if i not in set(finished)]
+            keep = sorted(set(range(len(rows))) - set(finished))
             rows = [rows[i] for i in keep]
             if rows:
                 keep_index = torch.tensor(keep, dtype=torch.long)
                 cache.batch_select_indices(keep_index.to(device))
+                rule.keep(keep_index)
                 attention_mask, next_position, block = (
                     attention_mask[keep_index],
                     next_position[keep_index],
@@ -238,45 +261,6 @@ def commit(generated: list[int], passes: list[int], accepted: list[int], options
     generated.extend(committed)
     passes.append(len(committed))
     return done
-
-
-def left_pad(prompts: Prompts, pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """[rows, width] ids and attention mask with every prompt right-aligned (padding on the left)."""
-    width = max(len(prompt) for prompt in prompts)
-    input_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        input_ids[row, width - len(prompt) :] = torch.as_tensor(list(prompt), dtype=torch.long)
-        attention_mask[row, width - len(prompt) :] = 1
-    return input_ids, attention_mask
-
-
-def prefill(
-    model: torch.nn.Module, prompts: Prompts, pad_token_id: int
-) -> tuple[DynamicCache, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One pass over the left-padded prompts.
-
-    Returns the KV cache, the attention mask over its slots, each row's next logical position, and each row's
-    first known-correct token argmax p(. | prompt) (all on the CPU but the cache).
-    """
-    device = next(model.parameters()).device
-    input_ids, attention_mask = left_pad(prompts, pad_token_id)
-    cache = DynamicCache(config=getattr(model, "config", None))
-    out = model(
-        input_ids=input_ids.to(device),
-        attention_mask=attention_mask.to(device),
-        position_ids=(attention_mask.cumsum(-1) - 1).clamp(min=0).to(device),
-        use_cache=True,
-        logits_to_keep=1,
-        **cache_argument(model, cache),
-    )
-    return cache, attention_mask, attention_mask.sum(-1), out.logits[:, -1].argmax(-1).cpu()
-
-
-def cache_argument(model: torch.nn.Module, cache: DynamicCache) -> dict:
-    """The KV cache keyword: `cache` in recent transformers 5.x, `past_key_values` before (now deprecated)."""
-    parameters = inspect.signature(model.forward).parameters
-    return {"cache": cache} if "cache" in parameters else {"past_key_values": cache}
 
 
 def _fill_block(
