@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from cllm.arguments import parse_settings
+from cllm.arguments import parse_settings, run_script
 from cllm.data_modules.prompts import encode_prompts, load_prompts
 from cllm.decoders import decode_batched
 from cllm.files import atomic_write_text, write_json
@@ -176,8 +176,8 @@ def load_level(url: str, texts: list[str], references: list[list[int]], clients:
     }
 
 
-def main(argv: list[str] | None = None) -> None:
-    settings = parse_settings(LoadSettings, sys.argv[1:] if argv is None else argv, "serve_load.py", __doc__)
+def main(argv: list[str]) -> None:
+    settings = parse_settings(LoadSettings, argv, "serve_load.py", __doc__)
     if settings.render:
         return write_docs(settings.docs, settings.render)
     texts, references = greedy_references(settings)
@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
         base = ar.get((row["batching"], row["clients"]))
         row["total_tokens_per_s_vs_ar"] = row["tokens_per_s_total"] / base if base else None
     result = {
-        "command": " ".join(["python", "benchmarks/serve_load.py", *(sys.argv[1:] if argv is None else argv)]),
+        "command": " ".join(["python", "benchmarks/serve_load.py", *argv]),
         "settings": asdict(settings) | {"output": str(settings.output)},
         "machine": {"cpu_flags": recorded_cpu_flags(), "cores": os.cpu_count(), "note": settings.note},
         "rows": rows,
@@ -253,4 +253,4 @@ def format_row(row: dict) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)
