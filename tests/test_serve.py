@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 
 import httpx
 import pytest
@@ -200,6 +201,27 @@ def test_n_choices_and_prompt_lists(client, reference):
 
 
 @pytest.mark.slow
+def test_sampled_requests_draw_what_decode_batched_draws_with_their_seed(client, reference):
+    from cllm.sampling import SamplingSettings
+
+    prompt, budget = PROMPTS[5], 20
+    ids = reference.tokenizer(prompt)["input_ids"]
+
+    def expected(seed: int) -> list[int]:
+        options = DecodeOptions(n=4, max_new_tokens=budget, eos_token_id=eos_ids(reference.model, reference.tokenizer))
+        sampling = SamplingSettings(temperature=0.9, top_k=20, top_p=0.95, seed=seed)
+        return decode_batched(
+            reference.model, [ids], batch_size=1, options=replace(options, seed=seed), sampling=sampling
+        ).tokens[0]
+
+    request = dict(model=MODEL, prompt=prompt, max_tokens=budget, temperature=0.9, top_p=0.95, seed=11)
+    reply = client.completions.create(**request, n=2, extra_body={"top_k": 20, "return_token_ids": True})
+    assert [token_ids(c) for c in reply.choices] == [expected(11), expected(12)]  # choice j: seed + j
+    streamed = client.completions.create(**request, stream=True, extra_body={"top_k": 20})
+    assert "".join(c.choices[0].text for c in streamed) == reply.choices[0].text
+
+
+@pytest.mark.slow
 def test_eight_concurrent_requests_equal_their_single_request_outputs(client, reference):
     budgets = [5, 40, 12, 60, 3, 25, 50, 9]
     results: dict[int, tuple[str, list[int] | None]] = {}
@@ -241,7 +263,7 @@ def test_bad_requests_answer_4xx_and_the_server_serves_on(client, server):
         (openai.BadRequestError, dict(model=MODEL, messages=[]), "messages"),
         (openai.BadRequestError, dict(model=MODEL, messages=user, max_tokens=600), "context of 512"),
         (openai.BadRequestError, dict(model=MODEL, messages=user, max_tokens=5000), "limit of 1024"),
-        (openai.BadRequestError, dict(model=MODEL, messages=user, temperature=0.7), "greedily"),
+        (openai.BadRequestError, dict(model=MODEL, messages=user, temperature=3), "less than or equal to 2"),
         (openai.BadRequestError, dict(model=MODEL, messages=user, n=5), "limit of 4"),
         (openai.BadRequestError, dict(model=MODEL, messages=user + user), "chat template"),
         (openai.BadRequestError, dict(model=MODEL, messages=user, max_tokens=600, stream=True), "context of 512"),

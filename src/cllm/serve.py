@@ -1,7 +1,8 @@
 """`python -m cllm serve`: an OpenAI-compatible HTTP server for a CLLM, on LitServe (see docs/serving.md).
 
 Routes: `POST /v1/chat/completions`, `POST /v1/completions` (both streaming or not), `GET /v1/models`, `GET /health`,
-`GET /metrics`. Greedy decoding only (lossless: the text is greedy AR's), by `--decoder jacobi | recycle | ar`.
+`GET /metrics`. `--decoder jacobi | recycle | ar`: greedy requests get greedy AR's text (lossless), sampled ones
+(temperature > 0; jacobi and ar) draws exact in distribution (`cllm.sampling`).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ class ServeSettings(DecodeSettings):
     """`cllm serve`: load a model once, warm it up and serve it over an OpenAI-compatible HTTP API.
 
     Args:
-        decoder: jacobi | recycle (rejection recycling, G = --candidates) | ar (greedy AR: n = 1), all greedy.
+        decoder: jacobi | recycle (rejection recycling, G = --candidates; greedy requests only) | ar (n = 1).
         host: address to listen on: 127.0.0.1 (this machine only), 0.0.0.0 or :: (every interface).
         port: TCP port (1024-65535).
         max_batch_size: the most rows decoded together; a request with n choices (or several prompts) takes a row each.
@@ -76,8 +77,11 @@ def check_serve_settings(settings: ServeSettings) -> ServeSettings:
         raise UserError("--n auto is a bench option (it measures on a prompt set); give serve an integer")
     if settings.compile:
         raise UserError("--compile is not served (its static cache holds a fixed batch); leave it out")
-    if getattr(settings, "temperature", 0):  # a DecodeSettings field once sampling lands; serve takes it per request
-        raise UserError("--temperature: sampling is chosen per request (its temperature field), not by the server")
+    if settings.temperature or settings.top_k or settings.top_p != 1.0:
+        raise UserError(
+            "--temperature, --top_k, --top_p: each request chooses its own sampling (its temperature, top_p and "
+            "top_k fields); the server takes none"
+        )
     check_decoding_settings(settings.as_decoding())
     host = "127.0.0.1" if settings.host == "localhost" else settings.host
     if host not in HOSTS:

@@ -8,11 +8,12 @@ written as that step, from the same pieces (`NGramPool`, `_pack`, `_keep`, `comm
 
     a_s = 1 + max{k : x[i] == q[i-1] for 1 <= i <= k};   the longest run commits x[:a], q[a-1] is next known-correct
 
-so every pass commits >= 1 token of greedy AR's output. Each row draws its guesses from a generator of its own, so
-neither its tokens nor its pass count depend on its batch-mates; a row alone draws exactly what `decode_batched`
-draws, pass for pass (tested). A row admitted into a running batch is prefilled on its own and its KV cache joined to
-the batch's, both left-padded to the longer; padding is masked and positions are logical, so it shifts nothing.
-"""
+so every pass commits >= 1 token of greedy AR's output. A sampled row (G = 0 only) takes its own
+`cllm.sampling.SampledJacobiRule` instead of argmax and this rule: exact in distribution, as `jacobi_generate`'s.
+Each row draws its guesses (and its samples) from generators of its own, so neither its tokens nor its pass count
+depend on its batch-mates; a row alone draws exactly what `decode_batched` draws, pass for pass (tested). A row
+admitted into a running batch is prefilled on its own and its KV cache joined to the batch's, both left-padded to
+the longer; padding is masked and positions are logical, so it shifts nothing."""
 
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ import torch.nn.functional as F
 
 from cllm.decoders import DEFAULT_POOL_SIZE, NGramPool, _accepted, _additive, _guess_row, _guesses, _keep, _pack
 from cllm.jacobi import DecodeOptions, cache_argument, commit, prefill
+from cllm.prefill import greedy_pick
+from cllm.sampling import SampledJacobiRule
 
 
 @dataclass
@@ -37,6 +40,7 @@ class Row:
     generator: torch.Generator
     pool: NGramPool
     window: list[int]
+    rule: SampledJacobiRule | None = None  # None: greedy
     tokens: list[int] = field(default_factory=list)
     accepted_per_pass: list[int] = field(default_factory=list)
     recycled_passes: int = 0
@@ -91,21 +95,35 @@ class StepDecoder:
         return len(self.rows)
 
     @torch.no_grad()
-    def add(self, requests: Sequence[tuple[Hashable, Sequence[int], int]]) -> None:
-        """Prefill `(key, prompt ids, max_new_tokens)` requests in one pass and join them to the running batch."""
+    def add(self, requests: Sequence[tuple]) -> None:
+        """Prefill `(key, prompt ids, max_new_tokens[, sampling])` requests in one pass and join them to the running
+        batch; a `cllm.sampling.SamplingSettings` that is not greedy samples its row (its seed seeds the guesses too).
+        """
         if not requests:
             return
-        options = [replace(self.options, max_new_tokens=budget) for _, _, budget in requests]
-        prompts = [torch.as_tensor(list(ids), dtype=torch.long) for _, ids, _ in requests]
-        cache, attention_mask, next_position, known = prefill(self.model, prompts, self.options.pad_token_id)
+        samplings = [request[3] if len(request) > 3 and not request[3].greedy else None for request in requests]
+        if self.candidates and any(samplings):
+            raise ValueError("recycle cannot sample exactly (see cllm.sampling.UNSUPPORTED)")
+        rules = [SampledJacobiRule(s, s.generator(self.device)) if s else None for s in samplings]
+        options = [
+            replace(self.options, max_new_tokens=request[2], seed=s.seed if s else self.options.seed)
+            for request, s in zip(requests, samplings)
+        ]
+        prompts = [torch.as_tensor(list(request[1]), dtype=torch.long) for request in requests]
+
+        def pick(logits: torch.Tensor) -> torch.Tensor:  # each row's first token: argmax, or its rule's draw
+            return torch.cat([(r.first if r else greedy_pick)(logits[i : i + 1]) for i, r in enumerate(rules)])
+
+        cache, attention_mask, next_position, known = prefill(self.model, prompts, self.options.pad_token_id, pick)
         rows = []
-        for (key, _, _), prompt, option, first in zip(requests, prompts, options, known.tolist()):
+        for request, prompt, option, rule, first in zip(requests, prompts, options, rules, known.tolist()):
             generator = option.generator()
             guesses = _guesses([prompt], self.n - 1, option, generator)[0]
             pool = NGramPool(self.ngram, self.pool_size)
             if self.candidates:
                 pool.add_all(prompt.tolist())
-            rows.append(Row(key, prompt, option, generator, pool, [first] + _guess_row(guesses, first, option.init)))
+            window = [first] + _guess_row(guesses, first, option.init)
+            rows.append(Row(request[0], prompt, option, generator, pool, window, rule))
         self._join(cache, attention_mask, next_position)
         self.rows += rows
 
@@ -131,6 +149,12 @@ class StepDecoder:
         ids = input_ids.tolist()
         outputs, keep_slots, keep_lengths = [], [], []
         for i, row in enumerate(self.rows):
+            if row.rule is not None:  # sampled: the speculative rule on the window's logits
+                output, accepted = self._sampled(row, out.logits[i : i + 1, : self.n])
+                outputs.append(output)
+                keep_slots.append(list(range(accepted)))
+                keep_lengths.append(accepted)
+                continue
             runs = [(_accepted(ids[i][s : s + k], predictions[i][s : s + k]), s, k) for s, k in offsets[i]]
             best = max(range(len(runs)), key=lambda s: (runs[s][0], -s))  # ties: the window (Jacobi state) wins
             accepted, start, length = runs[best]
@@ -154,6 +178,18 @@ class StepDecoder:
         self.next_position = self.next_position + torch.tensor(keep_lengths)
         self.drop([output.key for output in outputs if output.done])
         return outputs
+
+    def _sampled(self, row: Row, logits: torch.Tensor) -> tuple[StepOutput, int]:
+        """A sampled row's pass, as `jacobi_generate` makes it with the row's rule: accept, commit, next window."""
+        accepted, carried, needs_guess = row.rule.step(torch.tensor([row.window]), logits)
+        accepted = int(accepted[0])
+        before = len(row.tokens)
+        done = commit(row.tokens, row.accepted_per_pass, row.window[:accepted], row.options)
+        draws = _guesses([row.prompt], self.n - 1, row.options, row.generator)[0]
+        first = int(carried[0, 0])
+        fresh = torch.tensor([[first] + _guess_row(draws, first, row.options.init)])
+        row.window = row.rule.refill(needs_guess, fresh, carried)[0].tolist()
+        return StepOutput(row.key, row.tokens[before:], done, row), accepted
 
     def drop(self, keys: Sequence[Hashable]) -> None:
         """Remove rows (finished, or their client left) from the batch and its cache."""

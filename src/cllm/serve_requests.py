@@ -9,6 +9,7 @@ a 4xx with OpenAI's error body `{"error": {"message", "type", "param", "code"}}`
 from __future__ import annotations
 
 import json
+import secrets
 from dataclasses import dataclass
 from typing import Literal
 
@@ -30,9 +31,9 @@ UNSUPPORTED = {
     "suffix": (None, ""),
     "best_of": (None, 1),
 }
-GREEDY_ONLY = (
-    "sampling is not served yet: cllm serve decodes greedily (lossless Jacobi decoding gives greedy AR's text); "
-    "send temperature 0 or leave it out"
+NOT_SAMPLED = (
+    "this server decodes with recycle, which cannot sample exactly (it keeps the best of several verified drafts); "
+    "send temperature 0 (greedy), or sample from a server started with --decoder jacobi or ar"
 )
 
 
@@ -76,9 +77,10 @@ class Common(BaseModel):
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     n: int = Field(1, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)  # meaningless for greedy decoding: accepted and unused
-    seed: int | None = None  # likewise
+    temperature: float | None = Field(None, ge=0, le=2)  # absent or 0: greedy
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0)  # an extension (vLLM has it too); 0: all tokens
+    seed: int | None = Field(None, ge=0, lt=2**63)
     user: str | None = None
     return_token_ids: bool = False  # cllm (and vLLM) extension: each choice's token ids beside its text
 
@@ -145,8 +147,8 @@ def parse_job(body: dict, kind: Literal["chat", "completion"], settings) -> Job:
     for name, defaults in UNSUPPORTED.items():
         if name in body and body[name] not in defaults:
             raise APIError(400, f"{name} is not supported by cllm serve", name)
-    if request.temperature:
-        raise APIError(400, GREEDY_ONLY, "temperature")
+    if request.temperature and settings.decoder == "recycle":
+        raise APIError(400, NOT_SAMPLED, "temperature")
     budget = (getattr(request, "max_completion_tokens", None) or request.max_tokens) or settings.max_tokens
     if budget > settings.max_tokens_limit:
         raise APIError(
@@ -165,11 +167,18 @@ def parse_job(body: dict, kind: Literal["chat", "completion"], settings) -> Job:
         raise APIError(400, f"{len(prompts)} prompt(s) x n={request.n} is more than this server's limit of "
                        f"{settings.max_rows_per_request} choices per request", "n")  # fmt: skip
     field = "messages" if kind == "chat" else "prompt"
-    sampling = {"temperature": 0.0}  # the sampling issue adds its settings here and in the worker's engine
     rows = [
-        {"kind": kind, field: prompt, "max_tokens": budget, "stop": stops, "sampling": sampling}
-        for prompt in prompts
-        for _ in range(request.n)
+        {"kind": kind, field: prompt, "max_tokens": budget, "stop": stops, "sampling": sampling(request, index)}
+        for index, prompt in enumerate(p for p in prompts for _ in range(request.n))
     ]
     include_usage = bool(request.stream_options and request.stream_options.include_usage)
     return Job(kind, rows, request.n, request.stream, include_usage, request.return_token_ids)
+
+
+def sampling(request: Common, index: int) -> dict:
+    """Row `index`'s `cllm.sampling.SamplingSettings` fields: greedy without a temperature; a given seed + the row's
+    index (so the n choices differ, and choice 0 of one prompt draws what `cllm generate --seed` draws), else a
+    random seed."""
+    seed = request.seed + index if request.seed is not None else secrets.randbelow(2**31)
+    return {"temperature": request.temperature or 0.0, "top_k": request.top_k or 0, "top_p": request.top_p or 1.0,
+            "seed": seed}  # fmt: skip

@@ -26,6 +26,7 @@ from cllm.data_modules.prompts import check_context, encode_prompt
 from cllm.errors import UserError
 from cllm.generate import load_for_decoding
 from cllm.models import context_length, eos_ids
+from cllm.sampling import SamplingSettings
 from cllm.serve_api import OpenAIRoutes
 from cllm.serve_engine import StepDecoder
 from cllm.serve_requests import error_body
@@ -57,6 +58,7 @@ class CLLMAPI(ls.LitAPI):
             eos_token_id=self.eos_ids,
             pad_token_id=self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0,
             init=settings.init,
+            seed=settings.seed,
             candidates=settings.pool_candidates,
             pool_size=settings.pool_size,
             ngram=settings.ngram,
@@ -105,8 +107,11 @@ class CLLMAPI(ls.LitAPI):
 class Request:
     """A row in the worker: where its answers go, its text stream, and (once admitted) its prompt ids."""
 
-    def __init__(self, response_queue_id: int, ids: list[int], payload: dict, stream: TextStream) -> None:
+    def __init__(
+        self, response_queue_id: int, ids: list[int], payload: dict, stream: TextStream, sampling=None
+    ) -> None:
         self.response_queue_id, self.ids, self.payload, self.stream = response_queue_id, ids, payload, stream
+        self.sampling = sampling  # a `cllm.sampling.SamplingSettings`
 
 
 class DecodeLoop(LitLoop):
@@ -126,7 +131,8 @@ class DecodeLoop(LitLoop):
         admitted = list(self.pending)[: max(room, 0)]
         try:
             if admitted:
-                engine.add([(uid, self.pending[uid].ids, self.pending[uid].payload["max_tokens"]) for uid in admitted])
+                rows = [self.pending[uid] for uid in admitted]
+                engine.add([(uid, r.ids, r.payload["max_tokens"], r.sampling) for uid, r in zip(admitted, rows)])
                 self.active.update((uid, self.pending.pop(uid)) for uid in admitted)
             outputs = engine.step()
         except Exception as err:  # a bug or out of memory: fail the rows of this pass, keep serving
@@ -178,6 +184,7 @@ class DecodeLoop(LitLoop):
             stream = TextStream(lit_api.tokenizer, payload["stop"], lit_api.eos_ids)
             try:
                 ids = lit_api.encode(payload)
+                sampling = SamplingSettings(**payload["sampling"])
             except UserError as err:
                 code = "context_length_exceeded" if "context" in str(err) else None
                 request = Request(response_queue_id, [], payload, stream)
@@ -187,7 +194,7 @@ class DecodeLoop(LitLoop):
                 request = Request(response_queue_id, [], payload, stream)
                 self.answer(transport, uid, request, error_body(400, f"cannot encode the request: {err}"), True)
                 continue
-            self.pending[uid] = Request(response_queue_id, ids, payload, stream)
+            self.pending[uid] = Request(response_queue_id, ids, payload, stream, sampling)
 
     def answer(self, transport, uid: str, request: Request, message: dict, error: bool = False) -> None:
         status = LitAPIStatus.ERROR if error else LitAPIStatus.OK
