@@ -1,7 +1,7 @@
 """`python -m cllm serve`: an OpenAI-compatible HTTP server for a CLLM, on LitServe (see docs/serving.md).
 
 Routes: `POST /v1/chat/completions`, `POST /v1/completions` (both streaming or not), `GET /v1/models`, `GET /health`,
-`GET /metrics`. `--decoder jacobi | recycle | ar`: greedy requests get greedy AR's text (lossless), sampled ones
+`GET /metrics`. `--decoder jacobi | recycle | ar`: a greedy request gets greedy AR's text (lossless), a sampled one
 (temperature > 0; jacobi and ar) draws exact in distribution (`cllm.sampling`).
 """
 
