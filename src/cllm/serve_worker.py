@@ -29,7 +29,7 @@ from cllm.models import context_length, eos_ids
 from cllm.sampling import SamplingSettings
 from cllm.serve_api import OpenAIRoutes
 from cllm.serve_engine import StepDecoder
-from cllm.serve_requests import error_body
+from cllm.serve_requests import APIError, error_body
 from cllm.serve_text import TextStream
 
 logger = logging.getLogger(__name__)
@@ -86,7 +86,10 @@ class CLLMAPI(ls.LitAPI):
             raise UserError("the prompt encodes to no tokens")
         if not all(0 <= token < self.vocab_size for token in ids):  # else the whole batch's pass fails
             raise UserError(f"prompt token ids must be in [0, {self.vocab_size}), the model's vocabulary")
-        check_context(ids, payload["max_tokens"], self.context_length, "the request")
+        try:
+            check_context(ids, payload["max_tokens"], self.context_length, "the request")
+        except UserError as err:
+            raise APIError(400, str(err), "max_tokens", "context_length_exceeded") from None
         return ids
 
     def encode_messages(self, messages: list[dict]) -> list[int]:
@@ -138,7 +141,7 @@ class DecodeLoop(LitLoop):
         except Exception as err:  # a bug or out of memory: fail the rows of this pass, keep serving
             logger.exception("decoding pass failed")
             failed = list(self.active) + [uid for uid in admitted if uid in self.pending]
-            engine.drop(list(engine_keys(engine)))
+            engine.drop([row.key for row in engine.rows])
             for uid in failed:
                 request = self.active.pop(uid, None) or self.pending.pop(uid)
                 self.answer(transport, uid, request, error_body(500, f"decoding failed: {err}", "server_error"), True)
@@ -185,10 +188,12 @@ class DecodeLoop(LitLoop):
             try:
                 ids = lit_api.encode(payload)
                 sampling = SamplingSettings(**payload["sampling"])
+            except APIError as err:
+                self.answer(transport, uid, Request(response_queue_id, [], payload, stream), err.body, True)
+                continue
             except UserError as err:
-                code = "context_length_exceeded" if "context" in str(err) else None
                 request = Request(response_queue_id, [], payload, stream)
-                self.answer(transport, uid, request, error_body(400, str(err), code=code), True)
+                self.answer(transport, uid, request, error_body(400, str(err)), True)
                 continue
             except Exception as err:  # a chat template that rejects the messages, say
                 request = Request(response_queue_id, [], payload, stream)
@@ -199,10 +204,6 @@ class DecodeLoop(LitLoop):
     def answer(self, transport, uid: str, request: Request, message: dict, error: bool = False) -> None:
         status = LitAPIStatus.ERROR if error else LitAPIStatus.OK
         self.put_response(transport, request.response_queue_id, uid, message, status, LoopResponseType.STREAMING)
-
-
-def engine_keys(engine: StepDecoder):
-    return [row.key for row in engine.rows]
 
 
 def exit_with_parent() -> None:
