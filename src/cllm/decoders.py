@@ -19,7 +19,8 @@ prompt list in batches.
 The acceptance rule is the same for every segment s (tokens `x`, predictions `q`, first token known correct):
 `a_s = 1 + max{k : x[i] == q[i-1] for 1 <= i <= k}`; the winner commits `x[:a]` and `q[a-1]` becomes the next
 known-correct token, so each pass commits >= 1 token of greedy AR's output. The KV cache keeps the winner's
-accepted slots only (rectangular over the batch, holes masked, logical positions as in `cllm.jacobi`).
+accepted slots only (rectangular over the batch, holes masked, logical positions as in `cllm.jacobi`). `jacobi` and
+`multiblock` also sample, exactly: the predictions are `cllm.sampled_jacobi.redraft` draws, the rule unchanged.
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ from cllm.jacobi import (
     prefill,
 )
 from cllm.ngram_pool import NGramPool
+from cllm.prefill import greedy_pick
+from cllm.sampled_jacobi import SampledWindowRule
 from cllm.sampling import SamplingSettings, sampled_decoder
 
 DEFAULT_BLOCKS = 2  # K: blocks in flight for multiblock
@@ -73,6 +76,7 @@ def multiblock_generate(
     pool_size: int = DEFAULT_POOL_SIZE,
     ngram: int | None = None,
     ngrams: Sequence[Sequence[int]] = (),
+    rule: SampledWindowRule | None = None,
 ) -> MultiblockResult:
     """Greedy decoding with up to `blocks` Jacobi blocks in flight and `candidates` recycled n-grams per pass.
 
@@ -84,7 +88,10 @@ def multiblock_generate(
         pool_size: n-grams kept per first token and row.
         ngram: n-gram length of the pool (default n).
         ngrams: extra n-grams planted in every row's pool (after its prompt's).
+        rule: sampled decoding (`cllm.sampled_jacobi.SampledWindowRule`; candidates must be 0); default greedy.
     """
+    if rule is not None and candidates:
+        raise ValueError("sampled multiblock verifies no recycled candidates (candidates must be 0)")
     if blocks < 1 or candidates < 0 or pool_size < 1 or not 0.0 <= threshold <= 1.0:
         raise ValueError(
             f"need blocks >= 1, candidates >= 0, pool_size >= 1, 0 <= r <= 1; got "
@@ -107,7 +114,8 @@ def multiblock_generate(
         raise ValueError("every prompt needs at least one token")
 
     prompt_tensors = [torch.as_tensor(list(prompt), dtype=torch.long) for prompt in prompts]
-    cache, attention_mask, next_position, known = prefill(model, prompt_tensors, pad_token_id)
+    pick = greedy_pick if rule is None else rule.first
+    cache, attention_mask, next_position, known = prefill(model, prompt_tensors, pad_token_id, pick)
     pools = [NGramPool(ngram, pool_size) for _ in range(batch)]
     if candidates:
         for pool, prompt in zip(pools, prompts):
@@ -137,7 +145,7 @@ def multiblock_generate(
             use_cache=True,
             **cache_argument(model, cache),
         )
-        predictions = out.logits.argmax(-1).cpu().tolist()
+        predictions = out.logits.argmax(-1).cpu().tolist() if rule is None else rule.predictions(out.logits, windows)
         ids = input_ids.tolist()
 
         keep_slots, keep_lengths, finished = [], [], []
@@ -177,11 +185,15 @@ def multiblock_generate(
             merged = winner_predictions + window_predictions[length:]
             carried = merged[accepted - 1 : accepted - 1 + width]
             windows[i] = carried + _guess_row(draws[len(carried) - 1 : width - 1], carried[0], init)
+            if rule is not None:
+                rule.carry(i, accepted, windows[i])
 
         attention_mask = _keep(cache, attention_mask, keep_slots, keep_lengths, device)
         next_position = next_position + torch.tensor(keep_lengths)
         if finished:
-            keep = [i for i in range(len(rows)) if i not in set(finished)]
+            keep = sorted(set(range(len(rows))) - set(finished))
+            if rule is not None:
+                rule.keep(keep)
             rows, windows, in_flight = [rows[i] for i in keep], [windows[i] for i in keep], [in_flight[i] for i in keep]
             if rows:
                 keep_index = torch.tensor(keep, dtype=torch.long)
@@ -325,7 +337,7 @@ def decode_batched(
             raise ValueError(f"unknown decoder {decoder!r}; choose one of {', '.join(DECODERS)}")
         own = {k: v for k, v in own.items() if k in DECODER_OPTIONS[decoder]}
         greedy = sampling is None or sampling.greedy
-        decoder = DECODERS[decoder] if greedy else sampled_decoder(decoder, sampling, model)
+        decoder = DECODERS[decoder] if greedy else sampled_decoder(decoder, DECODERS[decoder], sampling, model)
     elif sampling is not None and not sampling.greedy:
         raise ValueError("sampled decoding takes a decoder by name (see cllm.sampling.SAMPLED_DECODERS)")
     if batch_size < 1:

@@ -11,7 +11,7 @@ pass commits at least one token that greedy AR would also have produced, so the 
 token for token. The figure of merit is generated tokens / decode passes (prefill excluded): AR is 1.0.
 
 `jacobi_step` is that update alone (`GreedyRule`); `jacobi_generate` is the loop around it (KV cache, budget, EOS,
-finished rows); `cllm.sampling` puts an exact sampled rule in the same loop. `DecodeOptions` holds the settings
+finished rows); `cllm.sampled_jacobi` puts an exact sampled rule in the same loop. `DecodeOptions` holds the settings
 every decoder takes (n, budget, EOS, padding, initial guess, seed, the lockstep hook); a decoder's own settings are
 its keyword arguments. The decoders beyond one block and the one batched-decode helper used by bench, the
 accepted-tokens callback and the headline (`decode_batched`, decoders by name in `DECODERS`) live in `cllm.decoders`.
@@ -134,7 +134,7 @@ class GreedyRule:
 
     A rule has four methods: `first` (the prefill's known-correct token from its last logits), `step` (one pass's
     logits -> accepted lengths, carried tokens, slots needing a guess), `refill` (the next block) and `keep` (rows
-    that stay). `cllm.sampling.SampledJacobiRule` is the other one: the same loop, sampled exactly.
+    that stay). `cllm.sampled_jacobi.SampledJacobiRule` is the other one: the same loop, sampled exactly.
     """
 
     first = staticmethod(greedy_pick)
@@ -178,7 +178,7 @@ def jacobi_generate(
         model: a Hugging Face causal LM (input_ids, attention_mask, position_ids, KV cache).
         prompts: one list of token ids per row; rows may differ in length and finish at different times.
         options: block size, budget, EOS, padding, initial guess, seed and lockstep hook (`DecodeOptions`).
-        rule: how tokens are picked and accepted (default `GreedyRule`; sampled: `cllm.sampling`).
+        rule: how tokens are picked and accepted (default `GreedyRule`; sampled: `cllm.sampled_jacobi`).
     """
     rule = rule or GreedyRule()
     n, pad_token_id, all_done = options.n, options.pad_token_id, options.all_done

@@ -4,32 +4,29 @@
 transformers' `TemperatureLogitsWarper`, `TopKLogitsWarper` and `TopPLogitsWarper` in `generate`'s order, softmax.
 `temperature == 0` is greedy decoding, the greedy code path unchanged.
 
-Sampled Jacobi is Speculative Jacobi Decoding (Teng et al., arXiv 2410.01699): the token drawn for a block slot in
-the previous pass is a draft from the distribution q it was drawn from, verified left to right with the speculative
-sampling rule (`speculative_jacobi_step`, `redraft`), so every committed token is an exact draw from p given the
-tokens before it: the output is distributed as `model.generate(do_sample=True)`'s (`sampled_ar`, the baseline). One
-choice of ours: a slot's next draft is coupled to its current one (kept unless p moved away from q) instead of drawn
-afresh, so a block settles as in greedy Jacobi. The rule runs in `cllm.jacobi.jacobi_generate`'s loop
-(`SampledJacobiRule`: KV cache, holes, budget, EOS and rows finishing at different times as in greedy decoding);
-`cllm.decoders.decode_batched(..., sampling=...)` picks it.
+Sampled Jacobi is Speculative Jacobi Decoding (Teng et al., arXiv 2410.01699), in `cllm.sampled_jacobi`: the math
+and the decode-loop rules of `jacobi` and `multiblock`. Here: the settings, the AR baseline (`sampled_ar`), and the
+decoders `cllm.decoders.decode_batched(..., sampling=...)` runs (`sampled_decoder`; the others refused in one line).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from cllm.errors import UserError
-from cllm.jacobi import DecodeOptions, GreedyRule, JacobiResult, jacobi_generate
+from cllm.jacobi import DecodeOptions, JacobiResult
 from cllm.prefill import Prompts, left_pad
+from cllm.sampled_jacobi import SampledJacobiRule, SampledWindowRule
 
-SAMPLED_DECODERS = ("jacobi",)  # decoders with an exact sampled rule
+SAMPLED_DECODERS = ("jacobi", "multiblock")  # decoders with an exact sampled rule
 UNSUPPORTED = {  # why the others refuse sampling
-    "multiblock": "not implemented (its window is one causal sequence, so the same rule would apply to all of it)",
-    "recycle": "it commits the longest of several verified candidates, and keeping the best of several speculative "
-    "tests biases the distribution (exact multi-draft verification is not implemented)",
+    "recycle": "it commits the candidate with the longest accepted run, and picking the best of candidates verified "
+    "with draws of their own biases the distribution (one draw shared by the candidates at each depth would be "
+    "exact; not implemented)",
 }
 UNSUPPORTED["multiblock+recycle"] = UNSUPPORTED["recycle"]
 
@@ -88,113 +85,6 @@ class SamplingSettings:
         return f"T={self.temperature:g} top_k={self.top_k} top_p={self.top_p:g} seed={self.seed}"
 
 
-def draw(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """One token from each distribution of `probs` [..., vocab] (unnormalised weights allowed).
-
-    Inverse CDF: the first token whose cumulative weight exceeds u * total, u ~ U[0, 1) (a zero weight is never
-    drawn). On the CPU this is ~20x faster than `torch.multinomial` over a 49k vocabulary.
-    """
-    flat = probs.reshape(-1, probs.shape[-1])
-    cdf = flat.cumsum(-1)
-    u = torch.rand((len(flat), 1), generator=generator, dtype=cdf.dtype, device=cdf.device) * cdf[:, -1:]
-    tokens = torch.searchsorted(cdf, u, right=True)[:, 0]
-    tokens = torch.where(tokens < flat.shape[-1], tokens, flat.argmax(-1))  # u * total rounded up to the total
-    return tokens.view(probs.shape[:-1])
-
-
-def point_masses(tokens: torch.Tensor, like: torch.Tensor, where: torch.Tensor | None = None) -> torch.Tensor:
-    """`like` [..., vocab] with the slots in `where` (default all) replaced by the point mass on their token: the q
-    of a guess that is no draw from the model."""
-    where = torch.ones(tokens.shape, dtype=torch.bool, device=tokens.device) if where is None else where
-    masses = like.masked_fill(where[..., None], 0.0)
-    masses[where.nonzero(as_tuple=True) + (tokens[where],)] = 1.0
-    return masses
-
-
-def redraft(
-    block: torch.Tensor, draft_probs: torch.Tensor, probs: torch.Tensor, generator: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The speculative-sampling test of every draft of blocks b [rows, W], and every slot's next draft.
-
-    b[0] is an exact draw; each draft b[i] (i >= 1) was drawn from q_i = `draft_probs`[:, i] [rows, W, vocab];
-    p_i = `probs`[:, i] = p(. | c, b[:i+1]) from this pass. Each b[i] is kept with probability
-    min(1, p_{i-1}(b[i]) / q_i(b[i])), else redrawn from max(0, p_{i-1} - q_i) (normalised): the result c_i is a
-    draw from p_{i-1}, since given the prefix
-        P(c_i = y) = q(y) min(1, p(y)/q(y)) + (1 - sum_x min(p, q)(x)) max(0, p(y) - q(y)) / sum max(0, p - q)
-                   = min(p, q)(y) + max(0, p(y) - q(y)) = p(y)       (as sum max(0, p - q) = 1 - sum min(p, q)),
-    and c_W is a fresh draw from p_{W-1}. p_{i-1} is p given c + b[:i], the right conditional only while b[1:i] are
-    all kept, so the caller commits the leading kept run b[:a] and c_a; the c_i after it are the next drafts, with
-    q = p_{i-1}. Each c_i is coupled to b[i] (it stays b[i] unless p moved away from q there), so the block settles
-    as greedy Jacobi does, and drafts whose prefix did not change are kept surely (p = q). Exactness needs b[i] ~ q_i
-    given everything computed from the tokens before its position, in this pass and earlier ones: c_i depends only
-    on b[i], on p_{i-1} and on its own coins; a guess that is no draw from the model is a point mass (kept with
-    probability p(x), else redrawn from p without x).
-
-    Returns which drafts pass the test [rows, W - 1] and the next drafts c_1 .. c_W [rows, W] (c_{j+1} ~ p_j).
-    """
-    tokens = block[:, 1:, None]
-    p_x = probs[:, :-1].gather(-1, tokens)[..., 0]
-    q_x = draft_probs[:, 1:].gather(-1, tokens)[..., 0]
-    coins = torch.rand(p_x.shape, generator=generator, dtype=p_x.dtype, device=p_x.device)
-    kept = coins * q_x < p_x  # u < p/q, without dividing by q
-    residual = (probs[:, :-1] - draft_probs[:, 1:]).clamp(min=0)
-    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, probs[:, :-1])  # p == q: always kept
-    coupled = torch.where(kept, block[:, 1:], draw(residual, generator))
-    return kept, torch.cat([coupled, draw(probs[:, -1:], generator)], dim=1)
-
-
-def speculative_jacobi_step(
-    block: torch.Tensor, draft_probs: torch.Tensor, probs: torch.Tensor, generator: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One pass of sampled Jacobi over blocks b [rows, W] on `probs`'s device (arguments as `redraft`):
-
-        a = 1 + max{k : b[1..k] all kept};   commit b[:a];   next block = c_a, c_{a+1} .. c_W, then a - 1 guesses
-
-    Returns the accepted lengths a [rows], the next block's carried tokens [rows, W], their draft distributions
-    [rows, W, vocab] (c_{j+1} was drawn from p_j) and the mask of the slots that need a fresh guess (the last a - 1),
-    all as `cllm.jacobi.jacobi_step`.
-    """
-    width = block.shape[1]
-    kept, drafts = redraft(block, draft_probs, probs, generator)
-    accepted = 1 + kept.long().cumprod(-1).sum(-1)
-    index = accepted[:, None] - 1 + torch.arange(width, device=block.device)  # next slot j takes c_{a+j}
-    clamped = index.clamp(max=width - 1)
-    carried_probs = probs.gather(1, clamped[..., None].expand(-1, -1, probs.shape[-1]))
-    return accepted, drafts.gather(1, clamped), carried_probs, index >= width
-
-
-class SampledJacobiRule(GreedyRule):
-    """`cllm.jacobi.jacobi_generate`'s rule for sampled Jacobi: the prefill's token drawn from p, every pass
-    `speculative_jacobi_step`. Beside the loop's block it keeps q, the distribution each slot was drawn from."""
-
-    def __init__(self, sampling: SamplingSettings, generator: torch.Generator) -> None:
-        self.sampling, self.generator = sampling, generator
-        self.draft_probs: torch.Tensor | None = None  # [rows, n, vocab]: q of each slot of the current block
-        self.carried_probs: torch.Tensor | None = None
-
-    def first(self, logits: torch.Tensor) -> torch.Tensor:
-        return draw(self.sampling.probabilities(logits), self.generator).cpu()
-
-    def step(self, block: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        probs = self.sampling.probabilities(logits)
-        block = block.to(probs.device)
-        if self.draft_probs is None:  # the first block: its guesses come from the init strategy
-            self.draft_probs = point_masses(block, probs)
-        accepted, carried, self.carried_probs, needs_guess = speculative_jacobi_step(
-            block, self.draft_probs, probs, self.generator
-        )
-        return accepted.cpu(), carried.cpu(), needs_guess.cpu()
-
-    def refill(self, needs_guess: torch.Tensor, fresh: torch.Tensor, carried: torch.Tensor) -> torch.Tensor:
-        block = torch.where(needs_guess, fresh, carried)
-        device = self.carried_probs.device
-        self.draft_probs = point_masses(block.to(device), self.carried_probs, needs_guess.to(device))
-        return block
-
-    def keep(self, index: torch.Tensor) -> None:
-        self.draft_probs = self.draft_probs[index.to(self.draft_probs.device)]
-
-
 def check_sampled_decoder(decoder: str, compile: bool = False) -> None:
     """Refuse, in one line, a decoder that cannot sample exactly (call only when the settings sample)."""
     if compile:
@@ -204,14 +94,17 @@ def check_sampled_decoder(decoder: str, compile: bool = False) -> None:
         raise UserError(f"--decoder {decoder} with --temperature > 0: {why}; use --decoder jacobi or --temperature 0")
 
 
-def sampled_decoder(decoder: str, sampling: SamplingSettings, model: torch.nn.Module):
-    """The decoder `decode_batched` calls for a sampling (not greedy) `decoder` name: one stream of draws, seeded
-    by `sampling.seed`, across the batches of one call (a fresh seed per batch would repeat the same draws)."""
-    check_sampled_decoder(decoder)
+def sampled_decoder(
+    name: str, decoder: Callable[..., JacobiResult], sampling: SamplingSettings, model: torch.nn.Module
+):
+    """`decoder` (named `name` in `cllm.decoders.DECODERS`) sampling: a fresh rule per call, one stream of draws
+    seeded by `sampling.seed` across the calls (a fresh seed per batch would repeat the same draws)."""
+    check_sampled_decoder(name)
+    rule = SampledJacobiRule if name == "jacobi" else SampledWindowRule
     generator = sampling.generator(next(model.parameters()).device)
 
-    def decode(model: torch.nn.Module, prompts: Prompts, options: DecodeOptions) -> JacobiResult:
-        return jacobi_generate(model, prompts, options, SampledJacobiRule(sampling, generator))
+    def decode(model: torch.nn.Module, prompts: Prompts, options: DecodeOptions, **own) -> JacobiResult:
+        return decoder(model, prompts, options, rule=rule(sampling, generator), **own)
 
     return decode
 
