@@ -159,3 +159,38 @@ def test_choose_excludes_a_compiled_ar_that_disagrees_with_eager_and_records_fai
     assert best.label == "ar eager float32"
     assert table["ar compiled float32"]["excluded"] and table["ar compiled float32"]["agreement_with_eager"] == 0.0
     assert table["ar compiled bfloat16"]["failed"].startswith("RuntimeError: no C++ compiler")
+
+
+def test_sampled_evaluation_times_hf_sampling_against_sampled_jacobi(tmp_path):
+    """--temperature > 0: AR is HF sampling at the same settings (no compiled candidate: it is greedy only), every
+    repeat of a prompt draws the same tokens (seeded per call), and the records hold the sampled texts."""
+    settings = EvaluateSettings(
+        model="tiny",
+        prompts=[str(prompt_file(tmp_path, 4))],
+        n=4,
+        max_new_tokens=8,
+        dtypes=["float64"],
+        decoder=["jacobi"],
+        repeats=2,
+        warmup=1,
+        temperature=0.8,
+        top_k=20,
+        seed=3,
+        output=str(tmp_path / "out"),
+    )
+    results = evaluate(settings)
+    entry = results["models"]["cllm"]["set"]
+    assert results["decoding"] == "T=0.8 top_k=20 top_p=1 seed=3"
+    assert entry["ar"]["variant"] == "ar sampled float64" and set(entry["choice"]["ar"]) == {"ar sampled float64"}
+    line = json.loads((tmp_path / "out" / entry["records"]["jacobi"]).read_text().splitlines()[0])
+    assert line["choices"][0]["turns"][0] and line["model_id"].endswith("jacobi n=4 float64")
+
+
+def test_sampling_with_a_decoder_that_cannot_sample_is_one_line(tmp_path):
+    from cllm.errors import UserError
+
+    settings = EvaluateSettings(
+        model="tiny", prompts=[str(prompt_file(tmp_path, 3))], decoder=["recycle"], temperature=1
+    )
+    with pytest.raises(UserError, match="--decoder recycle with --temperature > 0"):
+        evaluate(settings)

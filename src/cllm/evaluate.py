@@ -20,6 +20,7 @@ The one evaluation engine: `cllm bench` is this command without quality; the rec
 
 from __future__ import annotations
 
+import dataclasses
 import platform
 import sys
 from dataclasses import dataclass, field
@@ -37,7 +38,7 @@ from cllm.generate import DecodeSettings, check_decoding_settings
 from cllm.hardware import OtherLoad, recorded_cpu_flags
 from cllm.jacobi import DecodeOptions
 from cllm.models import context_length, eos_ids, load_model, resolve_dtype
-from cllm.runners import DECODER_NAMES, Candidate, ar_candidates, choose, decoder_candidates
+from cllm.runners import COMPILED_JACOBI, DECODER_NAMES, Candidate, ar_candidates, choose, decoder_candidates
 from cllm.scoring import agreement_with_base
 from cllm.timing import (
     Timings,
@@ -87,7 +88,12 @@ class EvaluateSettings(DecodeSettings):
 
 def check_settings(settings: EvaluateSettings) -> None:
     """Refuse impossible settings before anything loads or is written."""
-    check_decoding_settings(settings)
+    sampled = not settings.sampling().greedy
+    named = [d for d in settings.decoder if d != COMPILED_JACOBI]  # the fast path is ours, not a DECODERS entry
+    # with sampling, --compile only drops the (greedy) compiled AR candidates: not an error here
+    check_decoding_settings(dataclasses.replace(settings, decoder=named, compile=settings.compile and not sampled))
+    if sampled and COMPILED_JACOBI in settings.decoder:
+        raise UserError(f"--decoder {COMPILED_JACOBI} with --temperature > 0: the compiled fast path is greedy only")
     if settings.n == "auto":
         raise UserError("--n auto: give the candidates instead, --n_values 8 16 32 (chosen on the warm-up prompts)")
     for name in settings.decoder:
@@ -152,9 +158,11 @@ class Model:
     def candidates(self, settings: EvaluateSettings, longest: int) -> tuple[list[Candidate], dict[str, list]]:
         n_values = settings.n_values or [settings.n]
         max_len = longest + max(n_values) + settings.max_new_tokens + 8
+        sampling = settings.sampling()
         ar = ar_candidates(
             self.variants,
-            compile=settings.compile,
+            compile=settings.compile and sampling.greedy,
+            sampling=sampling,
             max_new_tokens=settings.max_new_tokens,
             eos=self.eos,
             pad_token_id=self.pad,
@@ -164,7 +172,9 @@ class Model:
             max_new_tokens=settings.max_new_tokens, eos_token_id=self.eos, pad_token_id=self.pad, init=settings.init
         )
         decoders = {
-            name: decoder_candidates(self.variants, name, n_values, options, settings.decoder_options(), max_len)
+            name: decoder_candidates(
+                self.variants, name, n_values, options, settings.decoder_options(), max_len, sampling
+            )
             for name in settings.decoder
         }
         return ar, decoders
@@ -186,6 +196,7 @@ def evaluate(settings: EvaluateSettings, argv: list[str] | None = None) -> dict:
     results: dict = {
         "command": " ".join(["python -m cllm evaluate", *(argv or [])]),
         "settings": {k: v for k, v in vars(settings).items()} | {"dtypes": dtypes},
+        "decoding": settings.sampling().label(),  # greedy, or the sampling settings (AR samples at the same)
         "machine": machine(),
         "models": {m.name: {"spec": m.spec} for m in models},
         "training_gain": {},

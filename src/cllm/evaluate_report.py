@@ -52,6 +52,8 @@ def markdown(results: dict) -> str:
         "",
         f"`{results['command']}`",
         "",
+        f"Decoding: {results.get('decoding', 'greedy')} (AR and every decoder alike).",
+        "",
         f"Machine: {machine['cpu']}, CPU flags {', '.join(machine['cpu_flags']) or '-'}, "
         f"{machine['torch_threads']} torch threads{', ' + machine['cuda'] if machine.get('cuda') else ''}; "
         f"CPU share of other processes during timing: {loads or '-'}"

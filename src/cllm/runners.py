@@ -17,6 +17,7 @@ import torch
 from cllm.compiled import compiled_ar, static_jacobi_generate
 from cllm.decoders import DECODERS, decode_batched
 from cllm.jacobi import DecodeOptions, left_pad
+from cllm.sampling import SamplingSettings, sampled_ar
 from cllm.timing import Runner, agreement, time_paired
 
 COMPILED_JACOBI = "jacobi+compile"  # the fixed-shape Jacobi step on the static-cache fast path
@@ -70,11 +71,22 @@ def pass_width(decoder: str, n: int, decoder_options: dict) -> int:
     return n * blocks + recycled
 
 
-def ar_candidates(models: dict[str, torch.nn.Module], *, compile: bool, **kwargs) -> list[Candidate]:
-    """Eager (and with `compile`, compiled) greedy AR in every dtype of `models` (dtype name -> model)."""
+def ar_candidates(
+    models: dict[str, torch.nn.Module], *, compile: bool, sampling: SamplingSettings | None = None, **kwargs
+) -> list[Candidate]:
+    """Eager (and with `compile`, compiled) greedy AR in every dtype of `models` (dtype name -> model); with
+    `sampling`, Hugging Face's sampled `generate` at its settings, seeded per call (the compiled path is greedy)."""
     eager_kwargs = {k: v for k, v in kwargs.items() if k != "max_len"}
     candidates = []
     for dtype, model in models.items():
+        if sampling is not None and not sampling.greedy:
+
+            def sampled(prompt, model=model):
+                (tokens,) = sampled_ar(model, [prompt], sampling=sampling, **eager_kwargs)
+                return tokens, [1] * len(tokens)
+
+            candidates.append(Candidate(f"ar sampled {dtype}", "ar", 1, dtype, sampled))
+            continue
 
         def eager(prompt, model=model):
             (tokens,) = greedy_ar(model, [prompt], **eager_kwargs)
@@ -98,8 +110,10 @@ def decoder_candidates(
     options: DecodeOptions,
     decoder_options: dict,
     max_len: int,
+    sampling: SamplingSettings | None = None,
 ) -> list[Candidate]:
-    """`decoder` at every n in `n_values`, in every dtype of `models`."""
+    """`decoder` at every n in `n_values`, in every dtype of `models` (sampling when `sampling` samples: every call
+    starts from its seed, so a prompt decodes the same on every repeat)."""
     candidates = []
     for dtype, model in models.items():
         for n in n_values:
@@ -115,7 +129,13 @@ def decoder_candidates(
 
                 def run(prompt, model=model, opts=opts):
                     result = decode_batched(
-                        model, [prompt], batch_size=1, decoder=decoder, options=opts, decoder_options=decoder_options
+                        model,
+                        [prompt],
+                        batch_size=1,
+                        decoder=decoder,
+                        options=opts,
+                        decoder_options=decoder_options,
+                        sampling=sampling,
                     )
                     return result.tokens[0], result.accepted_per_pass[0]
 
