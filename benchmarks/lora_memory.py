@@ -4,7 +4,7 @@ Forcing objective, and the same memory extrapolated to Llama-2-7B.
     OMP_NUM_THREADS=1 python benchmarks/lora_memory.py      # writes docs/results/lora/memory.json and memory.md
 
 One step = `CLLMModule.compute_losses` on a Jacobi Forcing batch (4 rows: a context of 104/72/136/88 tokens, then 4
-noisy|fixed pairs of n = 16: 872 tokens, sliced logits), backward, clipping and AdamW over the trained parameters,
+noisy|fixed pairs of n = 16: 912 tokens, sliced logits), backward, clipping and AdamW over the trained parameters,
 in the compute dtype `dtype: auto` picks here (bf16 autocast over float32 masters where bf16 is fast, as the
 json-extract recipes train). Each variant runs in a fresh process and reports:
 
@@ -179,7 +179,7 @@ def measure(spec: str, setup: dict, repeats: int) -> dict:
         "compute": choice.name,
         "tokens": tokens,
         "seconds_per_step": statistics.median(times[1:]),
-        "loss": float(parts["loss"]),
+        "loss": parts["loss"].item(),
         "measured_peak_mib": (peak - before) / 1024,
         "resident_after_load_mib": (loaded - before) / 1024,
         "counted_bytes": counted,

@@ -5,7 +5,10 @@ a checkpoint of another base is refused; 2-process FSDP2 equals 1 process (slow)
 from __future__ import annotations
 
 import csv
+import importlib.util
+import json
 import shutil
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -248,6 +251,15 @@ def test_two_process_fsdp_lora_equals_one_process(tmp_path):
     for name, value in weights.items():
         torch.testing.assert_close(state["state_dict"][name], value, rtol=1e-10, atol=1e-12)
 
+    merged = [
+        export(ckpt, tmp_path / f"merged-{i}")
+        for i, ckpt in enumerate([folder, tmp_path / "single" / "ckpt" / "epoch=1-step=4.ckpt"])
+    ]
+    ids = torch.randint(3, 200, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # the sharded folder exports (merged) to the model the single-process checkpoint does
+        logits = [load_model(str(out), dtype="float64")[0](input_ids=ids).logits for out in merged]
+    torch.testing.assert_close(logits[0], logits[1], rtol=1e-9, atol=1e-9)
+
     middle = str(tmp_path / "sharded" / "ckpt" / "epoch=0-step=2.ckpt")
     resumed = fit(tmp_path, "resumed", 2, max_steps=4, extra=[*extra, "--ckpt_path", middle])
     for step, loss in zip((2, 3), [resumed[k] for k in sorted(resumed)]):
@@ -258,3 +270,29 @@ def test_two_process_fsdp_lora_equals_one_process(tmp_path):
     other.configure_model()
     with pytest.raises(UserError, match="holds adapters for base model"):
         check_adapters(SimpleNamespace(lightning_module=other), Path(middle))
+
+
+def test_lora_memory_benchmark_at_a_tiny_shape(tmp_path, capsys, monkeypatch):
+    """Two variants measured in this process (`--variant`, what each subprocess of a run does), then the table and
+    the 7B extrapolation rendered from them (`--rerender`)."""
+    spec = importlib.util.spec_from_file_location(
+        "lora_memory", Path(__file__).parents[1] / "benchmarks/lora_memory.py"
+    )
+    benchmark = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "lora_memory", benchmark)  # its dataclass looks its module up there
+    spec.loader.exec_module(benchmark)
+    rows = {}
+    for variant in ("full", "lora-r4"):
+        benchmark.main(["--variant", variant, "--model", "tiny", "--ranks", "[4]", "--repeats", "1"])
+        rows[variant] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert rows["lora-r4"]["trained_parameters"] < rows["full"]["trained_parameters"] == rows["full"]["parameters"]
+    assert rows["lora-r4"]["counted_bytes"]["optimizer"] < rows["full"]["counted_bytes"]["optimizer"]
+    # (the peak RSS of a tiny model inside pytest's process says little: only that it is measured)
+    assert all(isinstance(row["measured_peak_mib"], float) and row["seconds_per_step"] > 0 for row in rows.values())
+    out = tmp_path / "memory.json"
+    out.write_text(json.dumps({"rows": rows, "settings": {}, "machine": {}}))
+    benchmark.main(["--rerender", "--output", str(out)])
+    seven = json.loads(out.read_text())["extrapolation"]["rows"]
+    full, lora = (sum(seven[name][0]["gib"].values()) for name in ("full", "lora-r4"))
+    assert lora < full and seven["full"][0]["trained_parameters"] == benchmark.LLAMA2_7B["parameters"]
+    assert "| lora-r4 |" in (tmp_path / "memory.md").read_text()

@@ -167,7 +167,7 @@ class CLLMModule(LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:  # a sharded one is checked before it is read too
         where = str(getattr(self._trainer, "ckpt_path", None) or "the checkpoint")
-        check_checkpoint(checkpoint, self.lora_identity, where, expected=set(self.state_dict()))
+        check_checkpoint(checkpoint, self.lora_identity, where, expected=set(self.state_dict()) if self.lora else None)
 
     def setup(self, stage: str) -> None:
         data_n = getattr(getattr(self.trainer, "datamodule", None), "n", None)
