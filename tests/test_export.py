@@ -21,8 +21,8 @@ def tiny_checkpoint(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(folder)
         main(["fit", "--config", "tiny.yaml", "--trainer.max_steps=2", "--trainer.limit_val_batches=0"])
-    # validation counts steps (check_val_every_n_epoch: null) and is off here, so the one checkpoint is `last.ckpt`
-    (checkpoint,) = glob.glob(str(folder / "runs" / "tiny" / "checkpoints" / "*.ckpt"))
+    # validation is off: the checkpoint of the run's end (cllm.lightning_cli.pin_checkpoint_folders)
+    (checkpoint,) = glob.glob(str(folder / "runs" / "tiny" / "checkpoints" / "epoch=*.ckpt"))
     return folder, checkpoint
 
 

@@ -167,13 +167,18 @@ def pin_checkpoint_folders(trainer: Trainer) -> None:
     """Checkpoints without a `dirpath` go to `<default_root_dir>/checkpoints` with a `last.ckpt` link to the newest.
 
     Lightning's default folder is the logger's `version_N/checkpoints`, and a new run looks in `version_N+1`, so
-    `--ckpt_path last` found nothing and silently restarted at step 0.
+    `--ckpt_path last` found nothing and silently restarted at step 0. With validation off (`limit_val_batches:
+    0`) a checkpoint is saved at the end of each training epoch (and of the run): the base configs count validation
+    in steps (`check_val_every_n_epoch: null`), under which Lightning would otherwise save only after validations.
     """
+    no_validation = trainer.limit_val_batches == 0
     for callback in trainer.checkpoint_callbacks:
         if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:
             callback.dirpath = os.path.realpath(os.path.join(trainer.default_root_dir, "checkpoints"))
             if callback.save_last is None:
                 callback.save_last = "link"
+        if isinstance(callback, ModelCheckpoint) and no_validation and callback._save_on_train_epoch_end is None:
+            callback._save_on_train_epoch_end = True  # the constructor's save_on_train_epoch_end, left unset
 
 
 def default_wandb_save_dir(trainer_config) -> None:
