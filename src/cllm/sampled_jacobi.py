@@ -13,14 +13,17 @@ of `jacobi` and `multiblock` (KV cache, holes, budget, EOS, rows finishing apart
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
 from cllm.jacobi import GreedyRule, jacobi_step
 
-if TYPE_CHECKING:
-    from cllm.sampling import SamplingSettings
+
+class Distribution(Protocol):
+    """What a sampled rule needs of its settings (`cllm.sampling.SamplingSettings` is one): p from the logits."""
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor: ...
 
 
 def draw(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -100,7 +103,7 @@ class SampledJacobiRule(GreedyRule):
     """`cllm.jacobi.jacobi_generate`'s rule for sampled Jacobi: the prefill's token drawn from p, every pass
     `speculative_jacobi_step`. Beside the loop's block it keeps q, the distribution each slot was drawn from."""
 
-    def __init__(self, sampling: SamplingSettings, generator: torch.Generator) -> None:
+    def __init__(self, sampling: Distribution, generator: torch.Generator) -> None:
         self.sampling, self.generator = sampling, generator
         self.draft_probs: torch.Tensor | None = None  # [rows, n, vocab]: q of each slot of the current block
         self.carried_probs: torch.Tensor | None = None
@@ -134,7 +137,7 @@ class SampledWindowRule:
 
     first = SampledJacobiRule.first
 
-    def __init__(self, sampling: SamplingSettings, generator: torch.Generator) -> None:
+    def __init__(self, sampling: Distribution, generator: torch.Generator) -> None:
         self.sampling, self.generator = sampling, generator
         self.draft_probs: list[torch.Tensor | None] = []  # per active row: q of each window slot [width, vocab]
         self.probs = torch.empty(0)  # this pass's p [rows, width, vocab]
