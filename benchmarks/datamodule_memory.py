@@ -20,7 +20,8 @@ from pathlib import Path
 from cllm.arguments import parse_settings, run_script
 from cllm.data_modules.trajectory_data import TrajectoryDataModule
 from cllm.errors import UserError
-from cllm.models import build_tiny_tokenizer, tokenizer_fingerprint
+from cllm.fingerprints import tokenizer_fingerprint
+from cllm.models import build_tiny_tokenizer
 from cllm.records import SHARD_PATTERN, write_manifest
 
 N = 16

@@ -33,7 +33,8 @@ from cllm.data_modules.trajectory_stream import (
 from cllm.dataset_checks import check_collection_settings, check_model_fingerprint, check_token_ids, check_tokenizer
 from cllm.errors import UserError
 from cllm.files import iter_lines, unit_hash
-from cllm.models import load_tokenizer, tokenizer_fingerprint, weights_fingerprint
+from cllm.fingerprints import tokenizer_fingerprint, weights_fingerprint
+from cllm.models import load_tokenizer
 from cllm.records import (
     MANIFEST_NAME,
     block_size,

@@ -13,7 +13,8 @@ from cllm.data_modules.collate import collate
 from cllm.data_modules.trajectory_data import TrajectoryDataModule
 from cllm.data_modules.trajectory_stream import TrajectoryStream, pick_states
 from cllm.errors import UserError
-from cllm.models import build_tiny_tokenizer, tokenizer_fingerprint
+from cllm.fingerprints import tokenizer_fingerprint
+from cllm.models import build_tiny_tokenizer
 from cllm.records import Record, write_manifest, write_shard
 
 N = 3

@@ -12,7 +12,8 @@ from cllm.cli import main
 from cllm.errors import UserError
 from cllm.export import export
 from cllm.export import main as export_main
-from cllm.models import build_tiny, load_model, tokenizer_fingerprint
+from cllm.fingerprints import tokenizer_fingerprint
+from cllm.models import build_tiny, load_model
 
 
 @pytest.fixture(scope="module")

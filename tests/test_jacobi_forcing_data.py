@@ -14,7 +14,8 @@ from trainers import quiet_trainer
 from cllm.data_modules import jacobi_forcing as jf
 from cllm.data_modules.trajectory_data import TrajectoryDataModule
 from cllm.errors import UserError
-from cllm.models import build_tiny_tokenizer, tokenizer_fingerprint
+from cllm.fingerprints import tokenizer_fingerprint
+from cllm.models import build_tiny_tokenizer
 from cllm.module import CLLMModule, real_tokens
 from cllm.records import write_manifest, write_shard
 

@@ -144,7 +144,8 @@ def test_setup_refuses_a_model_folder_whose_weights_changed(tmp_path):
 
 
 def test_weights_fingerprint_reads_what_model_fingerprint_hashes(tmp_path):
-    from cllm.models import build_tiny, load_model, model_fingerprint, weights_fingerprint
+    from cllm.fingerprints import model_fingerprint, weights_fingerprint
+    from cllm.models import build_tiny, load_model
 
     model, tokenizer = build_tiny("tiny:seed=2")
     model.save_pretrained(tmp_path)

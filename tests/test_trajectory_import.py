@@ -8,7 +8,8 @@ import pytest
 
 from cllm.collection import main
 from cllm.errors import UserError
-from cllm.models import build_tiny_tokenizer, tokenizer_fingerprint
+from cllm.fingerprints import tokenizer_fingerprint
+from cllm.models import build_tiny_tokenizer
 from cllm.records import read_manifest, read_records
 
 PROMPT = [1, 10, 11]

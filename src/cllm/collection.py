@@ -27,7 +27,8 @@ from cllm.collection_settings import CollectSettings, check_config, row_seed
 from cllm.data_modules.prompts import encode_prompts, load_prompts
 from cllm.errors import UserError
 from cllm.files import atomic_write_text
-from cllm.models import context_length, eos_ids, load_model, model_fingerprint, tokenizer_fingerprint
+from cllm.fingerprints import model_fingerprint, tokenizer_fingerprint
+from cllm.models import context_length, eos_ids, load_model
 from cllm.official_import import import_official
 from cllm.records import (
     MANIFEST_NAME,

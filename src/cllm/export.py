@@ -26,7 +26,8 @@ import torch
 from cllm import lora
 from cllm.arguments import parse_settings
 from cllm.errors import UserError
-from cllm.models import load_model, local_folder, model_fingerprint, resolve_dtype
+from cllm.fingerprints import model_fingerprint
+from cllm.models import load_model, local_folder, resolve_dtype
 from cllm.safe_checkpoint import UNREADABLE, check_sharded_checkpoint, exception_line, load_sharded
 
 META_FILE = "meta.pt"  # Lightning's metadata file inside a sharded checkpoint folder

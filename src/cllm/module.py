@@ -25,10 +25,11 @@ from lightning.pytorch import LightningModule
 from cllm import logit_table
 from cllm.attention import attention_mask_for
 from cllm.errors import UserError
+from cllm.fingerprints import tokenizer_fingerprint
 from cllm.hardware import auto_dtype
 from cllm.logit_table import FusedAR, needed_positions, sliced_forward
 from cllm.lora import CHECKPOINT_KEY, LoraSettings, check_checkpoint, settings_of, trainable_state
-from cllm.models import resolve_attn_implementation, tokenizer_fingerprint
+from cllm.models import resolve_attn_implementation
 from cllm.objective import LossOptions, batch_losses
 from cllm.sharded_load import build_for_training, data_parallel_mesh, fsdp_policy
 

@@ -27,7 +27,8 @@ from pathlib import Path
 from cllm.dataset_checks import check_token_ids
 from cllm.errors import UserError
 from cllm.files import read_json_file, sha256_of
-from cllm.models import load_tokenizer, tokenizer_fingerprint
+from cllm.fingerprints import tokenizer_fingerprint
+from cllm.models import load_tokenizer
 from cllm.records import MANIFEST_NAME, SHARD_PATTERN, Record, write_dataset_manifest, write_shard
 
 RECORDS_PER_SHARD = 10_000

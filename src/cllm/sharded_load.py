@@ -24,15 +24,14 @@ from torch.distributed.fsdp import MixedPrecisionPolicy
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from cllm.errors import UserError
+from cllm.fingerprints import model_fingerprint, weights_fingerprint
 from cllm.lora import LoraSettings, add_adapters, base_name, identity, init_adapters, is_adapter
 from cllm.models import (
     load_model,
     load_tokenizer,
     local_folder,
-    model_fingerprint,
     resolve_dtype,
     shard_fsdp2,
-    weights_fingerprint,
 )
 
 INDEX = "model.safetensors.index.json"
