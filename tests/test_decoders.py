@@ -4,9 +4,11 @@ import pytest
 import torch
 from test_jacobi import MAX_NEW_TOKENS, hf_greedy, random_prompts
 
-from cllm.decoders import DECODERS, NGramPool, _pack, decode_batched, multiblock_generate
+from cllm.decoders import DECODERS, decode_batched, multiblock_generate
 from cllm.jacobi import DecodeOptions, jacobi_generate
 from cllm.models import load_model
+from cllm.ngram_pool import NGramPool
+from cllm.segments import pack_segments
 
 # each decoder's own settings, beyond DecodeOptions
 OWN = {"jacobi": {}, "multiblock": {"blocks": 3, "threshold": 0.25}, "recycle": {"candidates": 3}}
@@ -111,7 +113,7 @@ def test_pool_is_bounded_and_most_recent_first():
 
 
 def test_segments_are_causal_alone_and_see_the_cache():
-    ids, positions, mask, offsets = _pack(
+    ids, positions, mask, offsets = pack_segments(
         [[[5, 6, 7], [5, 8]], [[4]]], torch.tensor([[1, 0], [1, 1]]), torch.tensor([1, 2]), pad_token_id=0
     )
     assert ids.tolist() == [[5, 6, 7, 5, 8], [4, 0, 0, 0, 0]]

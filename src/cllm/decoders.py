@@ -31,7 +31,6 @@ from dataclasses import dataclass, field, replace
 from functools import partial
 
 import torch
-from transformers import DynamicCache
 
 from cllm.jacobi import (
     DecodeOptions,
@@ -41,7 +40,6 @@ from cllm.jacobi import (
     _keep_going,
     cache_argument,
     commit,
-    initial_guess,
     jacobi_generate,
     prefill,
 )
@@ -49,6 +47,7 @@ from cllm.ngram_pool import NGramPool
 from cllm.prefill import greedy_pick
 from cllm.sampled_jacobi import SampledWindowRule
 from cllm.sampling import SamplingSettings, sampled_decoder
+from cllm.segments import accepted_length, additive_mask, fresh_guesses, guess_row, keep_winners, pack_segments
 
 DEFAULT_BLOCKS = 2  # K: blocks in flight for multiblock
 DEFAULT_THRESHOLD = 0.5  # r: settled share of block 1 that starts a draft block
@@ -123,8 +122,8 @@ def multiblock_generate(
             for gram in ngrams:
                 pool.add(gram)
     # Each row's window: a list of token ids, its first token known correct; its length is n * (blocks in flight).
-    guesses = _guesses(prompt_tensors, n - 1, options, generator)
-    windows = [[int(known[i])] + _guess_row(guesses[i], int(known[i]), init) for i in range(batch)]
+    guesses = fresh_guesses(prompt_tensors, n - 1, options, generator)
+    windows = [[int(known[i])] + guess_row(guesses[i], int(known[i]), init) for i in range(batch)]
     in_flight = [1] * batch
     rows = list(range(batch))  # original index of each active row
 
@@ -137,10 +136,10 @@ def multiblock_generate(
             [windows[i]] + [list(g) for g in pools[row].candidates(windows[i][0], candidates, windows[i])]
             for i, row in enumerate(rows)
         ]
-        input_ids, position_ids, mask, offsets = _pack(segments, attention_mask, next_position, pad_token_id)
+        input_ids, position_ids, mask, offsets = pack_segments(segments, attention_mask, next_position, pad_token_id)
         out = model(
             input_ids=input_ids.to(device),
-            attention_mask=_additive(mask, out_dtype(model)).to(device),
+            attention_mask=additive_mask(mask, out_dtype(model)).to(device),
             position_ids=position_ids.to(device),
             use_cache=True,
             **cache_argument(model, cache),
@@ -153,7 +152,7 @@ def multiblock_generate(
             runs = []
             for start, length in offsets[i]:
                 x, q = ids[i][start : start + length], predictions[i][start : start + length]
-                runs.append((_accepted(x, q), start, length))
+                runs.append((accepted_length(x, q), start, length))
             best = max(range(len(runs)), key=lambda s: (runs[s][0], -s))  # ties: the window (Jacobi state) wins
             accepted, start, length = runs[best]
             recycled[row] += best > 0
@@ -167,7 +166,7 @@ def multiblock_generate(
             keep_lengths.append(accepted)
             # Fresh guesses are drawn for every row, finishing or not, in row order (the stream `jacobi` draws).
             width = n * in_flight[i]
-            draws = _guesses([prompt_tensors[row]], width - 1, options, generator)[0]
+            draws = fresh_guesses([prompt_tensors[row]], width - 1, options, generator)[0]
             if done:
                 finished.append(i)
                 continue
@@ -178,17 +177,17 @@ def multiblock_generate(
             grow = settled >= threshold * n
             grown = max(1, min(blocks, in_flight[i] + (1 if grow else -1)))
             if grown > in_flight[i]:
-                more = _guesses([prompt_tensors[row]], n * (grown - in_flight[i]), options, generator)
+                more = fresh_guesses([prompt_tensors[row]], n * (grown - in_flight[i]), options, generator)
                 draws = torch.cat([draws, more[0]])
             in_flight[i], width = grown, n * grown
             # Next window: the winner's predictions from q[a-1] on, then the window's, then fresh guesses.
             merged = winner_predictions + window_predictions[length:]
             carried = merged[accepted - 1 : accepted - 1 + width]
-            windows[i] = carried + _guess_row(draws[len(carried) - 1 : width - 1], carried[0], init)
+            windows[i] = carried + guess_row(draws[len(carried) - 1 : width - 1], carried[0], init)
             if rule is not None:
                 rule.carry(i, accepted, windows[i])
 
-        attention_mask = _keep(cache, attention_mask, keep_slots, keep_lengths, device)
+        attention_mask = keep_winners(cache, attention_mask, keep_slots, keep_lengths, device)
         next_position = next_position + torch.tensor(keep_lengths)
         if finished:
             keep = sorted(set(range(len(rows))) - set(finished))
@@ -204,84 +203,6 @@ def multiblock_generate(
 
 def out_dtype(model: torch.nn.Module) -> torch.dtype:
     return next(model.parameters()).dtype
-
-
-def _accepted(x: list[int], q: list[int]) -> int:
-    """a = 1 + leading run of i >= 1 with x[i] == q[i-1]."""
-    run = 1
-    while run < len(x) and x[run] == q[run - 1]:
-        run += 1
-    return run
-
-
-def _guesses(
-    prompts: Sequence[torch.Tensor], count: int, options: DecodeOptions, generator: torch.Generator
-) -> torch.Tensor:
-    """`initial_guess`, with `repeat` drawn as padding (it draws nothing) and filled in by `_guess_row`."""
-    strategy = "pad" if options.init == "repeat" else options.init
-    return initial_guess(prompts, count, strategy, options.pad_token_id, generator)
-
-
-def _guess_row(fresh: torch.Tensor, first: int, init: str) -> list[int]:
-    """Fresh guesses for one row (the `repeat` strategy repeats the known-correct token)."""
-    return [first] * len(fresh) if init == "repeat" else fresh.tolist()
-
-
-def _pack(
-    segments: list[list[list[int]]], attention_mask: torch.Tensor, next_position: torch.Tensor, pad_token_id: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[list[tuple[int, int]]]]:
-    """Lay each row's segments side by side: ids, logical positions, a boolean mask [rows, 1, Q, cache + Q]
-    (cache slots as `attention_mask`; causal inside each segment, nothing across), each segment's (start, length).
-    """
-    width = max(sum(len(s) for s in row) for row in segments)
-    rows = len(segments)
-    ids = torch.full((rows, width), pad_token_id, dtype=torch.long)
-    positions = next_position[:, None].repeat(1, width)
-    segment_of = torch.full((rows, width), -1, dtype=torch.long)
-    index_in = torch.zeros((rows, width), dtype=torch.long)
-    offsets = []
-    for r, row in enumerate(segments):
-        start, spans = 0, []
-        for s, segment in enumerate(row):
-            span = slice(start, start + len(segment))
-            ids[r, span] = torch.tensor(segment)
-            index_in[r, span] = torch.arange(len(segment))
-            segment_of[r, span] = s
-            spans.append((start, len(segment)))
-            start += len(segment)
-        offsets.append(spans)
-    positions = positions + index_in
-    same = segment_of[:, :, None] == segment_of[:, None, :]
-    causal = index_in[:, None, :] <= index_in[:, :, None]
-    new = same & causal & (segment_of[:, :, None] >= 0)
-    new |= torch.eye(width, dtype=torch.bool)  # padding queries see themselves (no empty softmax rows)
-    old = attention_mask.bool()[:, None, :].expand(rows, width, -1)
-    return ids, positions, torch.cat([old, new], dim=-1)[:, None], offsets
-
-
-def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Boolean keep-mask -> additive float mask (0 where kept, the dtype's minimum elsewhere)."""
-    return torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, torch.finfo(dtype).min)
-
-
-def _keep(
-    cache: DynamicCache, attention_mask: torch.Tensor, slots: list[list[int]], lengths: list[int], device
-) -> torch.Tensor:
-    """Keep, per row, only the pass's cache slots in `slots` (relative to the pass), right-padded to the longest
-    with masked holes; return the attention mask over the cache slots that remain."""
-    past = attention_mask.shape[1]
-    longest = max(lengths)
-    kept = (torch.arange(longest)[None] < torch.tensor(lengths)[:, None]).long()
-    if all(s[0] == 0 for s in slots):  # every winner is the window itself: crop, as `jacobi` does (no copy)
-        cache.crop(past + longest - cache.get_seq_length())
-        return torch.cat([attention_mask, kept], dim=1)
-    index = torch.tensor([s + [s[-1]] * (longest - len(s)) for s in slots], dtype=torch.long, device=device)
-    for layer in cache.layers:
-        for name in ("keys", "values"):
-            states = getattr(layer, name)
-            gather = index[:, None, :, None].expand(-1, states.shape[1], -1, states.shape[3])
-            setattr(layer, name, torch.cat([states[:, :, :past], states[:, :, past:].gather(2, gather)], dim=2))
-    return torch.cat([attention_mask, kept], dim=1)
 
 
 Decoder = Callable[..., JacobiResult]

@@ -3,8 +3,8 @@
 `cllm.decoders` decode a fixed batch to its end in one call. A server needs the pass as its unit: after each pass it
 streams every row's new tokens, drops the rows that finished or whose client left, and admits queued requests into
 the running batch (continuous batching). `StepDecoder` is `multiblock_generate` with one block in flight (K = 1)
-written as that step, from the same pieces (`NGramPool`, `_pack`, `_keep`, `commit`): G = 0 pool candidates is
-`jacobi`, G > 0 is `recycle`, and n = 1 is greedy AR. The acceptance rule is the decoders' own, per segment s:
+written as that step, from the same pieces (`NGramPool`, `cllm.segments`, `commit`): G = 0 pool candidates is `jacobi`,
+G > 0 is `recycle`, and n = 1 is greedy AR. The acceptance rule is the decoders' own, per segment s:
 
     a_s = 1 + max{k : x[i] == q[i-1] for 1 <= i <= k};   the longest run commits x[:a], q[a-1] is next known-correct
 
@@ -23,10 +23,12 @@ from dataclasses import dataclass, field, replace
 import torch
 import torch.nn.functional as F
 
-from cllm.decoders import DEFAULT_POOL_SIZE, NGramPool, _accepted, _additive, _guess_row, _guesses, _keep, _pack
+from cllm.decoders import DEFAULT_POOL_SIZE
 from cllm.jacobi import DecodeOptions, cache_argument, commit, prefill
+from cllm.ngram_pool import NGramPool
 from cllm.prefill import greedy_pick
 from cllm.sampling import SampledJacobiRule
+from cllm.segments import accepted_length, additive_mask, fresh_guesses, guess_row, keep_winners, pack_segments
 
 
 @dataclass
@@ -118,11 +120,11 @@ class StepDecoder:
         rows = []
         for request, prompt, option, rule, first in zip(requests, prompts, options, rules, known.tolist()):
             generator = option.generator()
-            guesses = _guesses([prompt], self.n - 1, option, generator)[0]
+            guesses = fresh_guesses([prompt], self.n - 1, option, generator)[0]
             pool = NGramPool(self.ngram, self.pool_size)
             if self.candidates:
                 pool.add_all(prompt.tolist())
-            window = [first] + _guess_row(guesses, first, option.init)
+            window = [first] + guess_row(guesses, first, option.init)
             rows.append(Row(request[0], prompt, option, generator, pool, window, rule))
         self._join(cache, attention_mask, next_position)
         self.rows += rows
@@ -137,10 +139,10 @@ class StepDecoder:
             for row in self.rows
         ]
         pad = self.options.pad_token_id
-        input_ids, position_ids, mask, offsets = _pack(segments, self.attention_mask, self.next_position, pad)
+        input_ids, position_ids, mask, offsets = pack_segments(segments, self.attention_mask, self.next_position, pad)
         out = self.model(
             input_ids=input_ids.to(self.device),
-            attention_mask=_additive(mask, self.dtype).to(self.device),
+            attention_mask=additive_mask(mask, self.dtype).to(self.device),
             position_ids=position_ids.to(self.device),
             use_cache=True,
             **cache_argument(self.model, self.cache),
@@ -155,7 +157,7 @@ class StepDecoder:
                 keep_slots.append(list(range(accepted)))
                 keep_lengths.append(accepted)
                 continue
-            runs = [(_accepted(ids[i][s : s + k], predictions[i][s : s + k]), s, k) for s, k in offsets[i]]
+            runs = [(accepted_length(ids[i][s : s + k], predictions[i][s : s + k]), s, k) for s, k in offsets[i]]
             best = max(range(len(runs)), key=lambda s: (runs[s][0], -s))  # ties: the window (Jacobi state) wins
             accepted, start, length = runs[best]
             row.recycled_passes += best > 0
@@ -164,7 +166,9 @@ class StepDecoder:
             outputs.append(StepOutput(row.key, row.tokens[before:], done, row))
             keep_slots.append(list(range(start, start + accepted)))
             keep_lengths.append(accepted)
-            draws = _guesses([row.prompt], self.n - 1, row.options, row.generator)[0]  # drawn every pass, as decoders
+            draws = fresh_guesses([row.prompt], self.n - 1, row.options, row.generator)[
+                0
+            ]  # drawn every pass, as decoders
             if done:
                 continue
             window_predictions = predictions[i][: self.n]
@@ -173,8 +177,8 @@ class StepDecoder:
             # Next window: the winner's predictions from q[a-1] on, then the window's, then fresh guesses.
             merged = predictions[i][start : start + length] + window_predictions[length:]
             carried = merged[accepted - 1 : accepted - 1 + self.n]
-            row.window = carried + _guess_row(draws[len(carried) - 1 : self.n - 1], carried[0], row.options.init)
-        self.attention_mask = _keep(self.cache, self.attention_mask, keep_slots, keep_lengths, self.device)
+            row.window = carried + guess_row(draws[len(carried) - 1 : self.n - 1], carried[0], row.options.init)
+        self.attention_mask = keep_winners(self.cache, self.attention_mask, keep_slots, keep_lengths, self.device)
         self.next_position = self.next_position + torch.tensor(keep_lengths)
         self.drop([output.key for output in outputs if output.done])
         return outputs
@@ -185,9 +189,9 @@ class StepDecoder:
         accepted = int(accepted[0])
         before = len(row.tokens)
         done = commit(row.tokens, row.accepted_per_pass, row.window[:accepted], row.options)
-        draws = _guesses([row.prompt], self.n - 1, row.options, row.generator)[0]
+        draws = fresh_guesses([row.prompt], self.n - 1, row.options, row.generator)[0]
         first = int(carried[0, 0])
-        fresh = torch.tensor([[first] + _guess_row(draws, first, row.options.init)])
+        fresh = torch.tensor([[first] + guess_row(draws, first, row.options.init)])
         row.window = row.rule.refill(needs_guess, fresh, carried)[0].tolist()
         return StepOutput(row.key, row.tokens[before:], done, row), accepted
 
