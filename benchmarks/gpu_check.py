@@ -4,36 +4,34 @@
     python benchmarks/gpu_check.py --dry-run-cpu       # the same code at tiny shapes on the CPU (tests)
 
 Sections (each records its error instead of stopping the others):
-1. flash_attn: the import, and one bf16 forward with attn_implementation=flash_attention_2 against sdpa;
-2. pass_cost: ms per decode pass at the llama7b shape in bf16 for blocks 1..32 after a 256-token cache
-   (`cllm.timing.pass_seconds`, as `benchmarks/pass_cost.py` times it);
-3. train_step: FSDP2 (one process, world size 1; bf16 MixedPrecisionPolicy over float32 master weights, AdamW,
-   activation checkpointing) training steps at a 1B and a 7B Llama shape with random weights: tokens/s and MFU
-   (`cllm.callbacks.throughput` FLOP count over `cllm.hardware.peak_flops`);
-4. jacobi: SmolLM2-135M greedy AR vs Jacobi in bf16, eager and torch.compile'd: accepted tokens per step (TPF) and
-   tokens/s (`cllm evaluate`'s engine);
-5. forcing_flex: a Jacobi Forcing row's 4D mask (a 256-token prompt, then noisy|fixed pairs of 16-token blocks, noise
-   window 4) through sdpa (the boolean mask) and FlexAttention (the mask as a `BlockMask`, `cllm.models.
-   flex_block_mask`) in bf16 at the 1B shape (2 layers): forward+backward ms each (forward only on the CPU dry run)
-   and the logits' largest gap;
-6. lora_step: the llama7b-lora recipe's step at the 7B shape with random weights on one GPU: a bf16 frozen base, LoRA
-   rank 32 on every attention and MLP projection (`cllm.lora`, float32 adapters), bf16 autocast, activation
-   checkpointing, AdamW over the adapters; seconds per step, tokens/s and the peak memory, beside the estimate of
-   `benchmarks/lora_memory.py` (docs/results/lora/memory.json) that the recipe's header quotes.
+1. flash_attn: the import, and one bf16 forward with flash_attention_2 against sdpa;
+2. pass_cost: ms per bf16 decode pass at the llama7b shape, blocks 1..32 after a 256-token cache (`cllm.timing`);
+3. train_step: FSDP2 on one process (bf16 MixedPrecisionPolicy over float32 weights, AdamW, activation
+   checkpointing) at 1B and 7B Llama shapes, random weights: tokens/s and MFU (`cllm.callbacks.throughput`);
+4. jacobi: SmolLM2-135M greedy AR vs Jacobi in bf16, eager and compiled: TPF and tokens/s (`cllm evaluate`'s engine);
+5. forcing_flex: a Jacobi Forcing row's 4D mask (256-token prompt, noisy|fixed pairs of 16-token blocks, window 4)
+   through sdpa and FlexAttention (`cllm.models.flex_block_mask`), bf16, 1B shape, 2 layers: forward+backward ms
+   (forward only on the CPU) and the logits' largest gap;
+6. lora_step: the llama7b-lora recipe's step at 7B (bf16 frozen base, rank-32 float32 adapters on every projection,
+   autocast, activation checkpointing): seconds, tokens/s and peak memory beside docs/results/lora/memory.json.
 Without CUDA (and without --dry-run-cpu) it refuses in one line and exits 2.
 """
 
 from __future__ import annotations
 
+import statistics
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from cllm.arguments import parse_settings, run_script
 from cllm.errors import UserError
+from cllm.files import write_json
+from cllm.hardware import auto_dtype, peak_flops, recorded_cpu_flags
 
 SHAPES = {  # Llama shapes with random weights (vocab 32000)
     "1b": {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22, "num_attention_heads": 32},
@@ -46,8 +44,7 @@ def llama(shape: str, device: str, dtype: torch.dtype, attn: str = "sdpa", layer
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     options = {**SHAPES[shape], "vocab_size": 32000 if shape != "tiny" else 259}
-    if layers is not None:
-        options["num_hidden_layers"] = layers
+    options |= {"num_hidden_layers": layers} if layers is not None else {}
     config = LlamaConfig(**options, max_position_embeddings=4096, attn_implementation=attn)
     with torch.device(device):
         return AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -69,11 +66,8 @@ def pass_cost_check(device: str, shape: str, layers: int | None, repeats: int) -
     from cllm.timing import pass_seconds
 
     model = llama(shape, device, torch.bfloat16, layers=layers).eval()
-    one = pass_seconds(model, 256, 1, repeats)
-    rows = [{"block": 1, "ms": one * 1e3, "x_one_token": 1.0}]
-    for block in (4, 8, 16, 32):
-        seconds = pass_seconds(model, 256, block, repeats)
-        rows.append({"block": block, "ms": seconds * 1e3, "x_one_token": seconds / one})
+    costs = {block: pass_seconds(model, 256, block, repeats) for block in (1, 4, 8, 16, 32)}
+    rows = [{"block": block, "ms": cost * 1e3, "x_one_token": cost / costs[1]} for block, cost in costs.items()]
     return {"shape": shape, "layers": model.config.num_hidden_layers, "dtype": "bfloat16", "rows": rows}
 
 
@@ -84,7 +78,6 @@ def train_step_check(device: str, shape: str, rows: int, length: int, steps: int
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
     from cllm.callbacks.throughput import matmul_parameters, step_flops
-    from cllm.hardware import peak_flops
     from cllm.models import shard_fsdp2
 
     if not dist.is_initialized():
@@ -97,27 +90,20 @@ def train_step_check(device: str, shape: str, rows: int, length: int, steps: int
     shard_fsdp2(model, init_device_mesh(device, (1,)), mp_policy=policy)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device == "cuda")
     ids = torch.randint(0, model.config.vocab_size, (rows, length), device=device)
-    times = []
-    for _ in range(steps + 1):  # the first step is a warm-up
-        synchronize(device)
-        start = time.perf_counter()
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
+
+    def step() -> None:
+        model(input_ids=ids, labels=ids).loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    seconds = sorted(times[1:])[len(times[1:]) // 2]
+
+    seconds = statistics.median(timed(step, device, steps))
     counts = {"grad_tokens": rows * length, "no_grad_tokens": 0, "grad_squares": rows * length**2, "no_grad_squares": 0}
     flops = step_flops(matmul_parameters(model), model.config.num_hidden_layers, model.config.hidden_size, counts)
     peak = peak_flops(torch.device(device), torch.bfloat16)
     result = {"shape": shape, "layers": model.config.num_hidden_layers, "rows": rows, "length": length}
     result.update(seconds=seconds, tokens_per_s=rows * length / seconds, flops=flops, peak_flops=peak)
     result["mfu"] = flops / seconds / peak if peak else None
-    if device == "cuda":
-        result["max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    del model, optimizer
-    return result
+    return result | peak_memory(device)
 
 
 def lora_step_check(device: str, shape: str, rank: int, rows: int, length: int, steps: int) -> dict:
@@ -134,24 +120,18 @@ def lora_step_check(device: str, shape: str, rank: int, rows: int, length: int, 
     trained = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trained, lr=1e-4, fused=device == "cuda")
     ids = torch.randint(0, model.config.vocab_size, (rows, length), device=device)
-    times = []
-    for _ in range(steps + 1):  # the first step is a warm-up
-        synchronize(device)
-        start = time.perf_counter()
+
+    def step() -> None:
         with torch.autocast(device, dtype=torch.bfloat16):
             loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    seconds = sorted(times[1:])[len(times[1:]) // 2]
+
+    seconds = statistics.median(timed(step, device, steps))
     result = {"shape": shape, "rank": rank, "rows": rows, "length": length, "seconds": seconds}
     result.update(tokens_per_s=rows * length / seconds, trained_parameters=sum(p.numel() for p in trained))
-    if device == "cuda":
-        result["max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    del model, optimizer
-    return result
+    return result | peak_memory(device)
 
 
 def jacobi_check(device: str, spec: str, prompts: int, n: int, max_new_tokens: int, compiled: bool) -> dict:
@@ -174,14 +154,13 @@ def jacobi_check(device: str, spec: str, prompts: int, n: int, max_new_tokens: i
         repeats=1,
     )
     entry = evaluate(settings)["models"]["cllm"]["stdlib-code"]
-    jacobi = entry["decoders"]["jacobi"]
-    figures = {"ar_variant": entry["ar"]["variant"], "ar_tokens_per_s": entry["ar"]["tokens_per_s"]}
-    figures |= {
+    jacobi, ar = entry["decoders"]["jacobi"], entry["ar"]
+    return {"model": spec, "compiled": compiled, "n": n, "prompts": prompts, "ar_variant": ar["variant"]} | {
+        "ar_tokens_per_s": ar["tokens_per_s"],
         "jacobi_speedup_median": jacobi["speedup_vs_ar"]["median"],
         "jacobi_ci95": jacobi["speedup_vs_ar"]["ci95"],
+        "accepted_tokens_per_step": jacobi["tokens_per_step"],
     }
-    figures["accepted_tokens_per_step"] = jacobi["tokens_per_step"]
-    return {"model": spec, "compiled": compiled, "n": n, "prompts": prompts, **figures}
 
 
 def forcing_row_mask(context: int, blocks: int, n: int, window: int) -> torch.Tensor:
@@ -211,27 +190,37 @@ def forcing_flex_check(device: str, shape: str, context: int, blocks: int, n: in
     for attention in ("sdpa", "flex_attention"):
         model.config._attn_implementation = attention
         mask = may_attend if attention == "sdpa" else flex_block_mask(may_attend)
-        times = []
-        for _ in range(repeats + 1):  # the first run compiles (flex) / warms up
-            synchronize(device)
-            start = time.perf_counter()
+
+        def run(mask=mask) -> torch.Tensor:
             with torch.set_grad_enabled(backward):
                 out = model(input_ids=ids, attention_mask=mask).logits
             if backward:
                 out.float().square().mean().backward()
-            synchronize(device)
-            times.append(time.perf_counter() - start)
-        logits[attention] = out.detach().float()
-        figures[f"{attention}_ms"] = 1000 * min(times[1:])
+            return out
+
+        figures[f"{attention}_ms"] = 1000 * min(timed(run, device, repeats))  # its warm-up compiles flex
+        logits[attention] = run().detach().float()
         model.zero_grad(set_to_none=True)
     figures["max_abs_logit_gap"] = float((logits["flex_attention"] - logits["sdpa"]).abs().max())
     figures["flex_over_sdpa"] = figures["flex_attention_ms"] / figures["sdpa_ms"]
     return figures
 
 
-def synchronize(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
+def peak_memory(device: str) -> dict:
+    return {"max_memory_gib": torch.cuda.max_memory_allocated() / 2**30} if device == "cuda" else {}
+
+
+def timed(step: Callable[[], object], device: str, repeats: int) -> list[float]:
+    """Seconds of `repeats` calls of `step`, after one untimed warm-up call (the device synchronised around each)."""
+    synchronize = torch.cuda.synchronize if device == "cuda" else lambda: None
+    times = []
+    for _ in range(repeats + 1):
+        synchronize()
+        start = time.perf_counter()
+        step()
+        synchronize()
+        times.append(time.perf_counter() - start)
+    return times[1:]
 
 
 def sections(dry_run: bool) -> dict:
@@ -278,9 +267,6 @@ def main(argv: list[str]) -> None:
         raise UserError("needs a CUDA device and torch.cuda.is_available() is False here (--dry_run_cpu: on the CPU)")
     if unknown := sorted(set(args.only or []) - set(sections(args.dry_run_cpu))):
         raise UserError(f"--only {unknown}: no such sections; choose among {', '.join(sections(args.dry_run_cpu))}")
-
-    from cllm.files import write_json
-    from cllm.hardware import auto_dtype, recorded_cpu_flags
 
     device = "cpu" if args.dry_run_cpu else "cuda"
     choice = auto_dtype(device)
