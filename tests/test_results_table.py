@@ -1,5 +1,6 @@
 """`cllm results`: the table is generated from committed reports, checked against a committed expected page."""
 
+import json
 import shutil
 from pathlib import Path
 
@@ -34,3 +35,14 @@ def test_the_page_and_the_readme_block_are_generated_from_the_reports(tmp_path):
 def test_no_report_is_one_clear_error(tmp_path):
     with pytest.raises(UserError, match="no results.json written by"):
         write(ResultsSettings(root=str(tmp_path), output=str(tmp_path / "r.md"), readme=""))
+
+
+def test_a_nested_sampled_report_gets_rows_naming_its_folder_and_decoding(tmp_path):
+    root = reports(tmp_path)
+    report = json.loads((FIXTURES / "evaluate" / "results.json").read_text())
+    report["decoding"] = "T=0.7 top_k=0 top_p=1 seed=0"
+    (root / "sampling" / "t0.7").mkdir(parents=True)
+    (root / "sampling" / "t0.7" / "results.json").write_text(json.dumps(report))
+    body = write(ResultsSettings(root=str(root), output=str(tmp_path / "docs" / "results.md"), readme=""))
+    sampled = [line for line in body.splitlines() if line.startswith("| [sampling/t0.7](results/sampling/t0.7/")]
+    assert len(sampled) == 6 and all("| T=0.7 top_k=0 top_p=1 |" in line for line in sampled)

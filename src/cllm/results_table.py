@@ -1,9 +1,11 @@
 """`python -m cllm results`: docs/results.md (and README's excerpt) generated from the committed results JSON.
 
-Every `results.json` under `--root` written by `cllm run` (it holds a `recipe` block) becomes one row per prompt
-set: the recipe file and command, the machine's CPU flags and the date, plain-Jacobi tokens/step of the base and
-the trained model, quality, the trained model's fastest decoder against AR and the training gain, each with its
-95% interval. Nothing else writes figures into the docs: rerun this after committing a report.
+Every `results.json` under `--root` (at any depth) written by `cllm run` (it holds a `recipe` block) becomes one
+row per prompt set: the recipe file and command, the machine's CPU flags and the date, plain-Jacobi tokens/step of
+the base and the trained model, quality, the trained model's fastest decoder against AR and the training gain, each
+with its 95% interval. Every other `cllm evaluate` / `cllm bench` report becomes one row per model, prompt set and
+decoder, with its decoding (greedy or the sampling settings), quality and degenerate rate. Nothing else writes
+figures into the docs: rerun this after committing a report.
 """
 
 from __future__ import annotations
@@ -78,17 +80,18 @@ def rows(report: dict, path: str) -> list[str]:
 
 
 EVALUATIONS = (
-    "| report | model | prompts | decoder | tokens/step | x AR [95% CI] | CI half-width | = AR | machine |\n"
-    "|---|---|---|---|---|---|---|---|---|"
+    "| report | model | prompts | decoding | decoder | tokens/step | x AR [95% CI] | CI half-width | = AR | quality | "
+    "degen. | machine |\n|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
-def evaluation_rows(report: dict, path: str) -> list[str]:
-    """One row per model x suite x decoder of a `cllm evaluate` / `cllm bench` report (no recipe)."""
+def evaluation_rows(report: dict, path: str, name: str) -> list[str]:
+    """One row per model x suite x decoder of a `cllm evaluate` / `cllm bench` report (no recipe), named `name`."""
     out, machine = [], report["machine"]
     flags = ",".join(f for f in machine["cpu_flags"] if "=" not in f) or machine["cpu"]
     load = " (under load)" if machine.get("under_load") else ""
-    for name, model in report["models"].items():
+    decoding = report.get("decoding", "greedy").split(" seed=")[0]
+    for model_name, model in report["models"].items():
         for suite, entry in model.items():
             if suite == "spec":
                 continue
@@ -96,9 +99,10 @@ def evaluation_rows(report: dict, path: str) -> list[str]:
                 speed = d["speedup_vs_ar"]
                 half = (speed["ci95"][1] - speed["ci95"][0]) / 2 / speed["median"]
                 out.append(
-                    f"| [{Path(path).parent.name}]({path}) | {name} ({model['spec']}) | {suite} "
-                    f"({entry['timed_prompts']} timed) | {d['setting']} | {d['tokens_per_step']:.3f} | "
-                    f"{_interval(speed)} | {half:.1%} | {d['agreement_with_ar']:.0%} | {flags}{load} |"
+                    f"| [{name}]({path}) | {model_name} ({model['spec']}) | {suite} ({entry['timed_prompts']} timed) | "
+                    f"{decoding} | {d['setting']} | {d['tokens_per_step']:.3f} | {_interval(speed)} | {half:.1%} | "
+                    f"{d['agreement_with_ar']:.0%} | {_quality(d.get('quality') or {})} | "
+                    f"{d['degenerate_rate']:.2f} | {flags}{load} |"
                 )
     return out
 
@@ -106,13 +110,15 @@ def evaluation_rows(report: dict, path: str) -> list[str]:
 def table(root: Path, page: Path) -> str:
     """The recipe table, then (when there are any) the evaluations that ran outside a recipe."""
     recipes, evaluations = [HEADER], [EVALUATIONS]
-    for path in sorted(root.glob("*/results.json")):
+    for path in sorted(root.glob("**/results.json")):
         report = json.loads(path.read_text())
         if "models" not in report or "machine" not in report or "training_gain" not in report:
             continue  # not written by `cllm evaluate`
         link = os.path.relpath(path.parent / "results.md", page.parent)  # from the page the table is written into
         (recipes if "recipe" in report else evaluations).extend(
-            rows(report, link) if "recipe" in report else evaluation_rows(report, link)
+            rows(report, link)
+            if "recipe" in report
+            else evaluation_rows(report, link, path.parent.relative_to(root).as_posix())
         )
     if len(recipes) == 1 and len(evaluations) == 1:
         raise UserError(f"no results.json written by `cllm evaluate` or `cllm run` under {root}")
