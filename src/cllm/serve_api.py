@@ -75,25 +75,12 @@ class OpenAIRoutes(LitSpec):
             self.metrics.request_done(route, err.status)
             return JSONResponse(without_status(err.body), status_code=err.status)
         reply = Reply(self, job, request, started)
-        try:
-            await reply.started()
-        except APIError as err:
-            reply.close(err.status)
-            return JSONResponse(without_status(err.body), status_code=err.status)
-        except (Disconnected, asyncio.CancelledError):
-            reply.close(499)
-            raise
+        if (failed := await settle(reply, reply.started())) is not None:
+            return failed
         if job.stream:
             return StreamingResponse(self.events(reply), media_type="text/event-stream")
-        try:
-            async for _ in reply.messages():
-                pass
-        except APIError as err:
-            reply.close(err.status)
-            return JSONResponse(without_status(err.body), status_code=err.status)
-        except (Disconnected, asyncio.CancelledError):
-            reply.close(499)
-            raise
+        if (failed := await settle(reply, drain(reply.messages()))) is not None:
+            return failed
         reply.close(200)
         return JSONResponse(reply.response())
 
@@ -278,6 +265,25 @@ class Reply:
         kind = "chat.completion" if self.job.kind == "chat" else "text_completion"
         body = {"id": self.id, "object": kind, "created": self.created, "model": self.routes.settings.model_name}
         return body | {"choices": choices, "usage": self.usage(), "cllm": self.totals()}
+
+
+async def settle(reply: Reply, work) -> Response | None:
+    """Await `work` for `reply`: None when it went through; when it raised an APIError, the reply closed with its
+    status and the OpenAI-style error response; a client that left closes it as 499 (and the cancellation goes on)."""
+    try:
+        await work
+    except APIError as err:
+        reply.close(err.status)
+        return JSONResponse(without_status(err.body), status_code=err.status)
+    except (Disconnected, asyncio.CancelledError):
+        reply.close(499)
+        raise
+    return None
+
+
+async def drain(messages) -> None:
+    async for _ in messages:
+        pass
 
 
 def without_status(body: dict) -> dict:
