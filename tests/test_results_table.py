@@ -30,6 +30,8 @@ def test_the_page_and_the_readme_block_are_generated_from_the_reports(tmp_path):
     text = readme.read_text()
     assert "stale" not in text and text.startswith("# intro") and text.endswith("after\n")
     assert "(docs/results/recipe/results.md)" in text  # links relative to the README, not to docs/
+    assert "And 6 rows of evaluations outside a recipe: [results.md](docs/results.md)." in text  # not the rows
+    assert "| [evaluate](" not in text
 
 
 def test_no_report_is_one_clear_error(tmp_path):

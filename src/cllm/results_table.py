@@ -107,23 +107,26 @@ def evaluation_rows(report: dict, path: str, name: str) -> list[str]:
     return out
 
 
-def table(root: Path, page: Path) -> str:
-    """The recipe table, then (when there are any) the evaluations that ran outside a recipe."""
+def table(root: Path, page: Path, elsewhere: Path | None = None) -> str:
+    """The recipe table, then (when there are any) the evaluations that ran outside a recipe, or, with `elsewhere`
+    (the page that holds them), one line saying how many there are and where."""
     recipes, evaluations = [HEADER], [EVALUATIONS]
     for path in sorted(root.glob("**/results.json")):
         report = json.loads(path.read_text())
         if "models" not in report or "machine" not in report or "training_gain" not in report:
             continue  # not written by `cllm evaluate`
         link = os.path.relpath(path.parent / "results.md", page.parent)  # from the page the table is written into
+        name = path.parent.relative_to(root).as_posix()
         (recipes if "recipe" in report else evaluations).extend(
-            rows(report, link)
-            if "recipe" in report
-            else evaluation_rows(report, link, path.parent.relative_to(root).as_posix())
+            rows(report, link) if "recipe" in report else evaluation_rows(report, link, name)
         )
     if len(recipes) == 1 and len(evaluations) == 1:
         raise UserError(f"no results.json written by `cllm evaluate` or `cllm run` under {root}")
     text = "\n".join(recipes) if len(recipes) > 1 else ""
-    if len(evaluations) > 1:
+    if len(evaluations) > 1 and elsewhere is not None:
+        link = os.path.relpath(elsewhere, page.parent)
+        text += f"\n\nAnd {len(evaluations) - 1} rows of evaluations outside a recipe: [{elsewhere.name}]({link})."
+    elif len(evaluations) > 1:
         text += ("\n\n" if text else "") + "Evaluations outside a recipe:\n\n" + "\n".join(evaluations)
     return text
 
@@ -149,7 +152,7 @@ def write(settings: ResultsSettings) -> str:
     atomic_write_text(Path(settings.output), page)
     if settings.readme:
         readme = Path(settings.readme)
-        excerpt = table(Path(settings.root), readme)
+        excerpt = table(Path(settings.root), readme, elsewhere=Path(settings.output))
         atomic_write_text(readme, replace_block(readme.read_text(), excerpt, settings.readme))
     print(body)
     return body
