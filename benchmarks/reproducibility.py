@@ -21,7 +21,7 @@ from pathlib import Path
 from cllm.arguments import parse_settings, run_script
 from cllm.errors import UserError
 from cllm.files import write_json
-from cllm.spec_bench import read_answers
+from cllm.spec_bench import answer_rate, read_answers
 
 TARGET = 0.10  # the half-width the measurement issue asks of a report
 
@@ -47,8 +47,7 @@ class ReproducibilitySettings:
 
 def rates(path: Path) -> dict[str, float]:
     """question_id -> tokens/s of one Spec-Bench answer file (as the report timed it: prefill included)."""
-    answers = read_answers(path)
-    return {a["question_id"]: sum(a["choices"][0]["new_tokens"]) / sum(a["choices"][0]["wall_time"]) for a in answers}
+    return {answer["question_id"]: answer_rate(answer) for answer in read_answers(path)}
 
 
 def speedup_of(folder: str, model: str, suite: str | None, decoder: str) -> tuple[str, dict, dict]:

@@ -71,9 +71,14 @@ def read_answers(path: Path, category: str | None = None) -> list[dict]:
     return [line for line in lines if category is None or line["category"] == category]
 
 
+def answer_rate(answer: dict) -> float:
+    """Tokens/s of one answer: its new tokens over its wall time, summed over turns (prefill included)."""
+    return sum(answer["choices"][0]["new_tokens"]) / sum(answer["choices"][0]["wall_time"])
+
+
 def speed(method: list[dict], baseline: list[dict], tokenizer) -> dict:
     """Spec-Bench's figures for `method` against `baseline` answers (see the module docstring)."""
-    speeds = [sum(a["choices"][0]["new_tokens"]) / sum(a["choices"][0]["wall_time"]) for a in method]
+    speeds = [answer_rate(a) for a in method]
     accepted = [length for a in method for length in a["choices"][0]["accept_lengths"]]
     base = []
     for answer in baseline:
