@@ -217,6 +217,33 @@ def test_same_seed_same_output(small_model):
     assert ar[0] == ar[1]
 
 
+def test_the_sampled_ar_baseline_seeds_each_prompt_apart(small_model, monkeypatch):
+    """`cllm evaluate`'s sampled AR runs one prompt per call: one seed for every call would draw the same uniforms for
+    every prompt (outputs starting alike across prompts). Each prompt gets a seed of its own, the same on a repeat."""
+    import cllm.runners
+
+    seeds = []
+
+    def spy(model, prompts, *, sampling, **kwargs):
+        seeds.append(sampling.seed)
+        return sampled_ar(model, prompts, sampling=sampling, **kwargs)
+
+    monkeypatch.setattr(cllm.runners, "sampled_ar", spy)
+    (candidate,) = cllm.runners.ar_candidates(
+        {"float64": small_model},
+        compile=False,
+        sampling=SETTINGS["T1"],
+        max_new_tokens=NEW_TOKENS,
+        eos=[],
+        pad_token_id=0,
+        max_len=16,
+    )
+    outputs = [candidate.run(list(prompt)) for prompt in (*PROMPTS, PROMPTS[0])]
+    assert seeds[0] == seeds[2] != seeds[1] and SETTINGS["T1"].seed not in seeds
+    assert outputs[0] == outputs[2]
+    assert SETTINGS["T1"].for_prompt([5, 9, 3]) != SamplingSettings(1.0, seed=2).for_prompt([5, 9, 3])
+
+
 @pytest.mark.parametrize("lengths", [(7,), (5, 12, 3, 9)], ids=["batch1", "batch4"])
 def test_temperature_zero_and_top_k_one_are_greedy(tiny_float64, lengths):
     """temperature 0 takes the greedy path of every decoder; top_k = 1 samples, from a point mass: greedy too."""

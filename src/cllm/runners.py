@@ -75,14 +75,16 @@ def ar_candidates(
     models: dict[str, torch.nn.Module], *, compile: bool, sampling: SamplingSettings | None = None, **kwargs
 ) -> list[Candidate]:
     """Eager (and with `compile`, compiled) greedy AR in every dtype of `models` (dtype name -> model); with
-    `sampling`, Hugging Face's sampled `generate` at its settings, seeded per call (the compiled path is greedy)."""
+    `sampling`, Hugging Face's sampled `generate` at its settings, each prompt seeded with its own seed from
+    `sampling.seed` (`SamplingSettings.for_prompt`: the same prompt draws the same, prompts draw independently, as the
+    decoders' one stream of draws across calls does; the compiled path is greedy)."""
     eager_kwargs = {k: v for k, v in kwargs.items() if k != "max_len"}
     candidates = []
     for dtype, model in models.items():
         if sampling is not None and not sampling.greedy:
 
             def sampled(prompt, model=model):
-                (tokens,) = sampled_ar(model, [prompt], sampling=sampling, **eager_kwargs)
+                (tokens,) = sampled_ar(model, [prompt], sampling=sampling.for_prompt(prompt), **eager_kwargs)
                 return tokens, [1] * len(tokens)
 
             candidates.append(Candidate(f"ar sampled {dtype}", "ar", 1, dtype, sampled))
