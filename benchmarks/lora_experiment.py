@@ -111,6 +111,7 @@ def test_figures(settings: LoraExperimentSettings, model: str, out: Path) -> dic
         command = [sys.executable, "-m", "cllm", "evaluate", "--model", model, "--prompts", settings.test_prompts]
         command += ["--limit", str(settings.test_limit), "--max_new_tokens", str(settings.max_new_tokens)]
         command += ["--decoder", "jacobi", "--dtypes", "auto", "--warmup", "1", "--timed", "1", "--repeats", "1"]
+        out.parent.mkdir(parents=True, exist_ok=True)  # the base's folder is not a fit's
         run_quietly([*command, "--output", str(out)], out.parent / "test-eval.log")
     report = json.loads((out / "results.json").read_text())
     jacobi = report["models"]["cllm"][settings.test_prompts.split(":")[0]]["decoders"]["jacobi"]
