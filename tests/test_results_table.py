@@ -39,6 +39,16 @@ def test_no_report_is_one_clear_error(tmp_path):
         write(ResultsSettings(root=str(tmp_path), output=str(tmp_path / "r.md"), readme=""))
 
 
+@pytest.mark.parametrize("readme_text", [None, "# no block here\n"], ids=["missing", "no-block"])
+def test_a_bad_readme_is_one_clear_error_before_anything_is_written(tmp_path, readme_text):
+    readme, output = tmp_path / "README.md", tmp_path / "docs" / "results.md"
+    if readme_text is not None:
+        readme.write_text(readme_text)
+    with pytest.raises(UserError, match="no such file" if readme_text is None else "no <!-- results:begin -->"):
+        write(ResultsSettings(root=str(reports(tmp_path)), output=str(output), readme=str(readme)))
+    assert not output.exists()
+
+
 def test_a_nested_sampled_report_gets_rows_naming_its_folder_and_decoding(tmp_path):
     root = reports(tmp_path)
     report = json.loads((FIXTURES / "evaluate" / "results.json").read_text())

@@ -53,6 +53,12 @@ def _quality(entry: dict) -> str:
     return ", ".join(f"{key} {entry[key]:.2f}" for key in QUALITY if key in entry) or "-"
 
 
+def _flags(report: dict) -> str:
+    """The CPU flags a report was measured with (the ISA's, not the settings'; the CPU's name when none)."""
+    machine = report["machine"]
+    return ",".join(f for f in machine["cpu_flags"] if "=" not in f) or machine["cpu"]
+
+
 def rows(report: dict, path: str) -> list[str]:
     """One table row per prompt set of one report."""
     recipe, models = report["recipe"], report["models"]
@@ -69,12 +75,11 @@ def rows(report: dict, path: str) -> list[str]:
         decoder = next((d for d in entry["decoders"].values() if d["setting"] == fastest), None)
         speed = f"{_interval(decoder['speedup_vs_ar'])} ({fastest})" if decoder else f"1.00x ({fastest})"
         gain = report.get("training_gain", {}).get(suite)
-        machine = report["machine"]
-        flags = ",".join(f for f in machine["cpu_flags"] if "=" not in f) or machine["cpu"]
-        load = " (timed under load)" if machine.get("under_load") else ""
+        load = " (timed under load)" if report["machine"].get("under_load") else ""
         out.append(
             f"| [{Path(recipe['file']).name}]({path}) | {suite} ({entry['timed_prompts']} timed) | {tps} | "
-            f"{_quality(base)} -> {_quality(entry)} | {speed} | {_interval(gain)} | {flags}, {recipe['date']}{load} |"
+            f"{_quality(base)} -> {_quality(entry)} | {speed} | {_interval(gain)} "
+            f"| {_flags(report)}, {recipe['date']}{load} |"
         )
     return out
 
@@ -87,9 +92,8 @@ EVALUATIONS = (
 
 def evaluation_rows(report: dict, path: str, name: str) -> list[str]:
     """One row per model x suite x decoder of a `cllm evaluate` / `cllm bench` report (no recipe), named `name`."""
-    out, machine = [], report["machine"]
-    flags = ",".join(f for f in machine["cpu_flags"] if "=" not in f) or machine["cpu"]
-    load = " (under load)" if machine.get("under_load") else ""
+    out, flags = [], _flags(report)
+    load = " (under load)" if report["machine"].get("under_load") else ""
     decoding = report.get("decoding", "greedy").split(" seed=")[0]
     for model_name, model in report["models"].items():
         for suite, entry in model.items():
@@ -149,11 +153,15 @@ def write(settings: ResultsSettings) -> str:
         "95% bootstrap intervals (the method: docs/evaluation.md).\n\n"
         f"{BEGIN}\n{body}\n{END}\n"
     )
-    atomic_write_text(Path(settings.output), page)
-    if settings.readme:
-        readme = Path(settings.readme)
+    readme, new_readme = Path(settings.readme), None
+    if settings.readme:  # checked before anything is written
+        if not readme.is_file():
+            raise UserError(f"--readme {settings.readme}: no such file ('' to leave the README alone)")
         excerpt = table(Path(settings.root), readme, elsewhere=Path(settings.output))
-        atomic_write_text(readme, replace_block(readme.read_text(), excerpt, settings.readme))
+        new_readme = replace_block(readme.read_text(), excerpt, settings.readme)
+    atomic_write_text(Path(settings.output), page)
+    if new_readme is not None:
+        atomic_write_text(readme, new_readme)
     print(body)
     return body
 
