@@ -13,8 +13,9 @@ set -euo pipefail
 DIR="${CLLM_SLURM_DIR:-/tmp/cllm-slurm}"
 CONF="$DIR/slurm.conf"
 NODE="$(hostname -s)"
-# CPUs/memory as slurmd sees them, so the node does not get drained for "low resources".
-CPUS="${CLLM_SLURM_CPUS:-$(nproc)}"
+# CPUs/memory as slurmd sees them, so the node does not get drained for "low resources". GNU nproc honours
+# OMP_NUM_THREADS: started from a shell with OMP_NUM_THREADS=1, the node had 1 CPU and a 2-task job pended forever.
+CPUS="${CLLM_SLURM_CPUS:-$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)}"
 
 log() { echo "local_cluster: $*" >&2; }
 
