@@ -378,3 +378,40 @@ def test_text_stream_holds_back_partial_characters_and_stop_prefixes():
     assert eos.push(list(b"hi") + [256], True) == ("hi", list(b"hi") + [256], "stop")
     assert TextStream(ByteTokenizer(), [], [256]).push(list(b"hi"), True)[2] == "length"
     assert json.dumps(stream.sent) == '"ab\\u20acx"'
+
+
+def test_passes_that_queued_up_stream_as_one_chunk_each():
+    """Two passes of one row read in one wake-up (a busy server, a slow client) go out as two chunks, each with a
+    single choice: clients read `chunk.choices[0]`, so a chunk with two deltas of one choice loses the second."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from cllm.serve_api import OpenAIRoutes, Reply
+
+    def message(text: str, finish: str | None) -> dict:
+        counts = {"prompt_tokens": 2, "completion_tokens": 2, "decode_passes": 2, "recycled_passes": 0}
+        return {"text": text, "token_ids": [ord(text)], "finish_reason": finish, "batch_rows": 1} | counts
+
+    reply = object.__new__(Reply)
+    settings = SimpleNamespace(model_name="m", decoder="jacobi", block_size=4)
+    reply.routes, reply.id, reply.created, reply.uids = SimpleNamespace(settings=settings), "cmpl-x", 0, ["u"]
+    reply.job = SimpleNamespace(kind="completion", include_usage=False, return_token_ids=True, n=1)
+    reply.last = [None]
+    reply.close = lambda status: None
+
+    async def messages():
+        batch = [(0, message("Y", None)), (0, message("Z", "length"))]
+        reply.last = [batch[-1][1]]
+        yield batch
+
+    reply.messages = messages
+
+    async def collect() -> list[str]:
+        return [event async for event in OpenAIRoutes.events(None, reply)]
+
+    events = asyncio.run(collect())
+    assert events[-1] == "data: [DONE]\n\n"
+    chunks = [json.loads(event.removeprefix("data: ")) for event in events[:-1]]
+    assert [[c["text"] for c in chunk["choices"]] for chunk in chunks] == [["Y"], ["Z"]]
+    assert [chunk["choices"][0]["finish_reason"] for chunk in chunks] == [None, "length"]
+    assert ["cllm" in chunk for chunk in chunks] == [False, True]  # the request's totals with the last chunk only

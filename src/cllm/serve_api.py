@@ -91,10 +91,11 @@ class OpenAIRoutes(LitSpec):
             if reply.job.kind == "chat":
                 for index in range(len(reply.uids)):
                     yield sse(reply.chunk([reply.choice(index, {"role": "assistant", "content": ""})]))
-            async for batch in reply.messages():
-                choices = [reply.choice(index, reply.delta(message), message) for index, message in batch]
-                done = reply.finished_all()
-                yield sse(reply.chunk(choices, cllm=reply.totals() if done else None))
+            async for batch in reply.messages():  # passes that queued up while the client read go out one by one:
+                for k, (index, message) in enumerate(batch):  # a chunk holds one delta of a choice, never two
+                    done = k == len(batch) - 1 and reply.finished_all()
+                    choice = reply.choice(index, reply.delta(message), message)
+                    yield sse(reply.chunk([choice], cllm=reply.totals() if done else None))
             if reply.job.include_usage:
                 yield sse(reply.chunk([], usage=reply.usage(), cllm=reply.totals()))
             yield "data: [DONE]\n\n"
