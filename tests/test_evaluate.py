@@ -26,7 +26,7 @@ def report(tmp_path_factory):
     settings = EvaluateSettings(
         model="tiny",
         base="tiny:seed=3",
-        prompts=[str(prompt_file(folder, 5))],
+        prompts=[str(prompt_file(folder, 6))],
         n=4,
         n_values=[2, 4],
         max_new_tokens=10,
@@ -50,15 +50,19 @@ def test_results_json_has_the_documented_shape(report):
         assert figures["n"] in (2, 4) and figures["dtype"] == "float64"
         speed = figures["speedup_vs_ar"]
         assert set(speed) == {"median", "ci95", "ratio_of_totals", "spec_bench", "n_prompts"}
-        assert speed["ci95"][0] <= speed["median"] <= speed["ci95"][1] and speed["n_prompts"] == 3
+        assert speed["ci95"][0] <= speed["median"] <= speed["ci95"][1] and speed["n_prompts"] == 4
         assert figures["agreement_with_ar"] == 1.0  # float64: every decoder is lossless
         assert figures["tokens_per_step"] >= 1.0 and figures["tokens_per_step_pooled"] >= 1.0
         assert figures["conversion_efficiency"] > 0
     gain = results["training_gain"]["set"]
-    assert gain["n_prompts"] == 3 and gain["trained_decoder"] == entry["fastest"]
+    assert gain["n_prompts"] == 4 and gain["trained_decoder"] == entry["fastest"]
     assert gain["base_decoder"] == results["models"]["base"]["set"]["fastest"]
+    crossed, labels = gain["cross_fitted"], {d["setting"] for d in entry["decoders"].values()} | {"ar eager float64"}
+    assert crossed["n_prompts"] == 4 and [f["n_prompts"] for f in crossed["folds"]] == [2, 2]
+    assert all(f["trained_decoder"] in labels for f in crossed["folds"])
     assert set(results["machine"]) >= {"cpu_flags", "torch_threads", "load_during_timing", "under_load"}
     assert "Training gain" in (out / "results.md").read_text()
+    assert "Cross-fitted" in (out / "results.md").read_text()
 
 
 def test_warmup_prompts_choose_and_are_never_timed(report):
@@ -67,7 +71,7 @@ def test_warmup_prompts_choose_and_are_never_timed(report):
     assert results["machine"]["warmup_prompts_from"]["set"].startswith("first of")
     for path in entry["records"].values():
         ids = [json.loads(line)["question_id"] for line in (out / path).read_text().splitlines()]
-        assert ids == ["q2", "q3", "q4"]  # q0, q1 were the warm-ups
+        assert ids == ["q2", "q3", "q4", "q5"]  # q0, q1 were the warm-ups
     assert set(entry["choice"]["jacobi"]) == {"jacobi n=2 float64", "jacobi n=4 float64"}
     chosen = entry["decoders"]["jacobi"]["setting"]
     table = entry["choice"]["jacobi"]
@@ -194,3 +198,21 @@ def test_sampling_with_a_decoder_that_cannot_sample_is_one_line(tmp_path):
     )
     with pytest.raises(UserError, match="--decoder recycle with --temperature > 0"):
         evaluate(settings)
+
+
+def test_the_cross_fitted_gain_recomputed_from_the_records_equals_the_engines(report, tmp_path):
+    """benchmarks/cross_fitted_gain.py (for reports older than the figure) reads the same timings back."""
+    import shutil
+
+    from test_hw_benchmarks import BENCHMARKS, load
+
+    results, out = report
+    copy = tmp_path / "report"
+    shutil.copytree(out, copy)
+    stripped = json.loads((copy / "results.json").read_text())
+    stripped["training_gain"]["set"].pop("cross_fitted")
+    (copy / "results.json").write_text(json.dumps(stripped))
+    load(BENCHMARKS / "cross_fitted_gain.py").main(["--reports", str(copy)])
+    again = json.loads((copy / "results.json").read_text())["training_gain"]["set"]["cross_fitted"]
+    assert again == results["training_gain"]["set"]["cross_fitted"]
+    assert "Cross-fitted" in (copy / "results.md").read_text()

@@ -58,3 +58,13 @@ def test_a_nested_sampled_report_gets_rows_naming_its_folder_and_decoding(tmp_pa
     body = write(ResultsSettings(root=str(root), output=str(tmp_path / "docs" / "results.md"), readme=""))
     sampled = [line for line in body.splitlines() if line.startswith("| [sampling/t0.7](results/sampling/t0.7/")]
     assert len(sampled) == 6 and all("| T=0.7 top_k=0 top_p=1 |" in line for line in sampled)
+
+
+def test_a_cross_fitted_gain_stands_in_brackets_after_the_warm_up_choice(tmp_path):
+    root = reports(tmp_path)
+    report = json.loads((root / "recipe" / "results.json").read_text())
+    gain = next(iter(report["training_gain"].values()))
+    gain["cross_fitted"] = {"median": 1.2, "ci95": [1.05, 1.4], "n_prompts": 4, "folds": []}
+    (root / "recipe" / "results.json").write_text(json.dumps(report))
+    body = write(ResultsSettings(root=str(root), output=str(tmp_path / "docs" / "results.md"), readme=""))
+    assert "| 1.34x [1.30, 1.64] (1.20x [1.05, 1.40]) |" in body

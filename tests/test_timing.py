@@ -11,6 +11,7 @@ from cllm.timing import (
     agreeing_speedup,
     bootstrap_median,
     conversion_efficiency,
+    cross_fitted_gain,
     paired_speedup,
     rotation,
     time_paired,
@@ -106,3 +107,17 @@ def test_agreeing_speedup_keeps_only_the_prompts_equal_to_ar():
 def test_conversion_efficiency_hand_computed():
     # 4 tokens/step, a 16-token pass costs 2x a 1-token pass: acceptance allows 2x; 1.5x measured -> 0.75
     assert conversion_efficiency(1.5, 4.0, 0.01, 0.02) == pytest.approx(0.75)
+
+
+def test_cross_fitted_gain_chooses_each_half_on_the_other_hand_computed():
+    def side(rates):  # 10 tokens per prompt at the given tokens/s
+        return Timings([[1] * 10] * len(rates), [[10]] * len(rates), [10 / r for r in rates])
+
+    trained = {"A": side([10, 10, 10, 10]), "B": side([20, 1, 20, 1])}  # B fast on even prompts only
+    base = {"X": side([5, 5, 5, 5]), "Y": side([2, 2, 2, 2])}
+    gain = cross_fitted_gain(trained, base)
+    # even prompts are judged by a choice on the odd ones (A: 10 vs B: 1 -> A), odd ones by the even (B: 20 -> B)
+    assert [(f["trained_decoder"], f["base_decoder"]) for f in gain["folds"]] == [("A", "X"), ("B", "X")]
+    assert gain["median"] == pytest.approx((2.0 + 0.2) / 2) and gain["n_prompts"] == 4  # ratios 2, 0.2, 2, 0.2
+    assert gain["ci95"][0] == pytest.approx(0.2) and gain["ci95"][1] == pytest.approx(2.0)
+    assert cross_fitted_gain({"A": side([1, 1, 1])}, {"X": side([1, 1, 1])}) is None  # under 2 prompts a fold

@@ -42,6 +42,7 @@ from cllm.runners import COMPILED_JACOBI, DECODER_NAMES, Candidate, ar_candidate
 from cllm.scoring import agreement_with_base
 from cllm.timing import (
     Timings,
+    cross_fitted_gain,
     paired_speedup,
     time_paired,
 )
@@ -270,9 +271,11 @@ def evaluate_suite(settings, suite, prompts, warmups, models, results, output) -
         trained, base = (f"{m.name}/{fastest[m.name]}" for m in models)
         gain = paired_speedup(timings[trained], timings[base])
         gain.pop("per_prompt")
+        sides = [{c.label: timings[f"{m.name}/{c.label}"] for c in chosen[m.name].values()} for m in models]
         results["training_gain"][suite] = gain | {
             "trained_decoder": fastest[models[0].name],
             "base_decoder": fastest[models[1].name],
+            "cross_fitted": cross_fitted_gain(*sides),
         }
 
 

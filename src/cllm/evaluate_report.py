@@ -77,6 +77,14 @@ def markdown(results: dict) -> str:
                 f"warm-ups; totals {gain['ratio_of_totals']:.2f}x)",
                 "",
             ]
+            if crossed := gain.get("cross_fitted"):
+                lo, hi = crossed["ci95"]
+                picks = "; ".join(f"{f['trained_decoder']} over {f['base_decoder']}" for f in crossed["folds"])
+                lines += [
+                    f"Cross-fitted: {crossed['median']:.2f}x [{lo:.2f}, {hi:.2f}] (each side's fastest chosen on the "
+                    f"other half of the timed prompts: {picks})",
+                    "",
+                ]
         lines += [
             "| model | decoder | tokens/step | pooled | x AR [95% CI] | totals | Spec-Bench | = AR | conv. | degen. | "
             "quality |",

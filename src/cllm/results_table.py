@@ -23,7 +23,7 @@ BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 QUALITY = ("valid", "exact", "fields", "pass_at_1")
 HEADER = (
     "| recipe | prompts | tokens/step base -> trained (jacobi) | quality base -> trained | trained fastest x AR "
-    "[95% CI] | training gain [95% CI] | machine, date |\n|---|---|---|---|---|---|---|"
+    "[95% CI] | training gain [95% CI] (cross-fitted) | machine, date |\n|---|---|---|---|---|---|---|"
 )
 
 
@@ -75,10 +75,11 @@ def rows(report: dict, path: str) -> list[str]:
         decoder = next((d for d in entry["decoders"].values() if d["setting"] == fastest), None)
         speed = f"{_interval(decoder['speedup_vs_ar'])} ({fastest})" if decoder else f"1.00x ({fastest})"
         gain = report.get("training_gain", {}).get(suite)
+        crossed = f" ({_interval(gain['cross_fitted'])})" if gain and gain.get("cross_fitted") else ""
         load = " (timed under load)" if report["machine"].get("under_load") else ""
         out.append(
             f"| [{Path(recipe['file']).name}]({path}) | {suite} ({entry['timed_prompts']} timed) | {tps} | "
-            f"{_quality(base)} -> {_quality(entry)} | {speed} | {_interval(gain)} "
+            f"{_quality(base)} -> {_quality(entry)} | {speed} | {_interval(gain)}{crossed} "
             f"| {_flags(report)}, {recipe['date']}{load} |"
         )
     return out
@@ -150,7 +151,8 @@ def write(settings: ResultsSettings) -> str:
         "do not edit by hand.\n"
         "Conventions: tokens/step = generated tokens / decode passes per sequence, averaged (AR = 1.0); x AR and the "
         "training gain are medians of per-prompt tokens/s ratios, paired and timed back to back at batch 1, with "
-        "95% bootstrap intervals (the method: docs/evaluation.md).\n\n"
+        "95% bootstrap intervals; the training gain pairs each model's fastest runner chosen on the warm-ups, and in "
+        "brackets after it with the choices cross-fitted on the timed prompts (the method: docs/evaluation.md).\n\n"
         f"{BEGIN}\n{body}\n{END}\n"
     )
     readme, new_readme = Path(settings.readme), None

@@ -1,0 +1,88 @@
+"""Add the cross-fitted training gain to reports written before `cllm evaluate` computed it, from their records alone.
+
+    python benchmarks/cross_fitted_gain.py --reports docs/results/json-jf-long docs/results/json-jf-1536
+
+For every prompt set of a report with a base model: each side's runners (AR and every decoder, as timed) are read back
+from the Spec-Bench records (per-prompt tokens/s: new tokens over wall time, prefill included, the timed prompts only),
+`cllm.timing.cross_fitted_gain` pairs them, and the figure goes into `training_gain.<suite>.cross_fitted` of the
+report's results.json; results.md is rendered again. Nothing is re-timed: the figure is what `cllm evaluate` computes
+now from the same timings. A report whose records are missing is refused in one line before anything is written.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cllm.arguments import parse_settings, run_script
+from cllm.errors import UserError
+from cllm.evaluate_report import markdown
+from cllm.files import atomic_write_text, write_json
+from cllm.spec_bench import read_answers
+from cllm.timing import Timings, cross_fitted_gain
+
+
+@dataclass(kw_only=True)
+class CrossFitSettings:
+    """`benchmarks/cross_fitted_gain.py`: the cross-fitted training gain of existing reports.
+
+    Args:
+        reports: report folders (each with results.json and records/, a trained and a base model).
+    """
+
+    reports: list[str] = field(default_factory=list)
+
+
+def side(folder: Path, entry: dict) -> dict[str, Timings]:
+    """Runner label -> its timings on the timed prompts, from one model's records on one suite."""
+    labels = {"ar": entry["ar"]["variant"]} | {name: d["setting"] for name, d in entry["decoders"].items()}
+    timed = entry["timed_prompts"]
+    runners = {}
+    for key, label in labels.items():
+        path = folder / entry["records"][key]
+        if not path.is_file():
+            raise UserError(f"{path}: records missing; the cross-fitted gain needs every runner's")
+        answers = read_answers(path)[:timed]
+        tokens = [[0] * sum(a["choices"][0]["new_tokens"]) for a in answers]
+        seconds = [sum(a["choices"][0]["wall_time"]) for a in answers]
+        runners[label] = Timings(tokens, [[len(t)] for t in tokens], seconds)
+    return runners
+
+
+def refit(folder: Path) -> dict:
+    """The report with `cross_fitted` added to each suite's training gain (not written)."""
+    path = folder / "results.json"
+    if not path.is_file():
+        raise UserError(f"{path}: no such report")
+    report = json.loads(path.read_text())
+    names = list(report.get("models", {}))
+    if len(names) != 2 or not report.get("training_gain"):
+        raise UserError(f"{path}: no training gain (a report of a trained and a base model)")
+    for suite, gain in report["training_gain"].items():
+        trained, base = (side(folder, report["models"][name][suite]) for name in names)
+        gain["cross_fitted"] = cross_fitted_gain(trained, base)
+    return report
+
+
+def main(argv: list[str]) -> None:
+    args = parse_settings(CrossFitSettings, argv, "benchmarks/cross_fitted_gain.py", __doc__)
+    reports = {folder: refit(Path(folder)) for folder in args.reports}  # all checked before any is written
+    for folder, report in reports.items():
+        write_json(Path(folder) / "results.json", report)
+        atomic_write_text(Path(folder) / "results.md", markdown(report))
+        for suite, gain in report["training_gain"].items():
+            crossed = gain["cross_fitted"]
+            if crossed is None:
+                print(f"{folder} {suite}: under 4 timed prompts, no cross-fitted gain")
+                continue
+            lo, hi = crossed["ci95"]
+            picks = "; ".join(f"{f['trained_decoder']} over {f['base_decoder']}" for f in crossed["folds"])
+            print(
+                f"{folder} {suite}: warm-up choice {gain['median']:.2f}x; cross-fitted {crossed['median']:.2f}x "
+                f"[{lo:.2f}, {hi:.2f}] ({picks})"
+            )
+
+
+if __name__ == "__main__":
+    run_script(main)
