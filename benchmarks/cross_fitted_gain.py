@@ -17,10 +17,10 @@ from pathlib import Path
 
 from cllm.arguments import parse_settings, run_script
 from cllm.errors import UserError
-from cllm.evaluate_report import markdown
+from cllm.evaluate_report import cross_fitted_line, markdown
 from cllm.files import atomic_write_text, write_json
-from cllm.spec_bench import read_answers
-from cllm.timing import Timings, cross_fitted_gain
+from cllm.spec_bench import answer_rate, read_answers
+from cllm.timing import cross_fitted_gain
 
 
 @dataclass(kw_only=True)
@@ -34,19 +34,15 @@ class CrossFitSettings:
     reports: list[str] = field(default_factory=list)
 
 
-def side(folder: Path, entry: dict) -> dict[str, Timings]:
-    """Runner label -> its timings on the timed prompts, from one model's records on one suite."""
+def side(folder: Path, entry: dict) -> dict[str, list[float]]:
+    """Runner label -> its per-prompt tokens/s on the timed prompts, from one model's records on one suite."""
     labels = {"ar": entry["ar"]["variant"]} | {name: d["setting"] for name, d in entry["decoders"].items()}
-    timed = entry["timed_prompts"]
     runners = {}
     for key, label in labels.items():
         path = folder / entry["records"][key]
         if not path.is_file():
             raise UserError(f"{path}: records missing; the cross-fitted gain needs every runner's")
-        answers = read_answers(path)[:timed]
-        tokens = [[0] * sum(a["choices"][0]["new_tokens"]) for a in answers]
-        seconds = [sum(a["choices"][0]["wall_time"]) for a in answers]
-        runners[label] = Timings(tokens, [[len(t)] for t in tokens], seconds)
+        runners[label] = [answer_rate(answer) for answer in read_answers(path)[: entry["timed_prompts"]]]
     return runners
 
 
@@ -76,12 +72,7 @@ def main(argv: list[str]) -> None:
             if crossed is None:
                 print(f"{folder} {suite}: under 4 timed prompts, no cross-fitted gain")
                 continue
-            lo, hi = crossed["ci95"]
-            picks = "; ".join(f"{f['trained_decoder']} over {f['base_decoder']}" for f in crossed["folds"])
-            print(
-                f"{folder} {suite}: warm-up choice {gain['median']:.2f}x; cross-fitted {crossed['median']:.2f}x "
-                f"[{lo:.2f}, {hi:.2f}] ({picks})"
-            )
+            print(f"{folder} {suite}: warm-up choice {gain['median']:.2f}x. {cross_fitted_line(crossed)}")
 
 
 if __name__ == "__main__":

@@ -271,7 +271,7 @@ def evaluate_suite(settings, suite, prompts, warmups, models, results, output) -
         trained, base = (f"{m.name}/{fastest[m.name]}" for m in models)
         gain = paired_speedup(timings[trained], timings[base])
         gain.pop("per_prompt")
-        sides = [{c.label: timings[f"{m.name}/{c.label}"] for c in chosen[m.name].values()} for m in models]
+        sides = [{c.label: timings[f"{m.name}/{c.label}"].rates for c in chosen[m.name].values()} for m in models]
         results["training_gain"][suite] = gain | {
             "trained_decoder": fastest[models[0].name],
             "base_decoder": fastest[models[1].name],

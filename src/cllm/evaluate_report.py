@@ -40,6 +40,16 @@ def suite_rows(name: str, entry: dict) -> list[str]:
     return rows
 
 
+def cross_fitted_line(crossed: dict) -> str:
+    """The cross-fitted training gain in one sentence, with each fold's two choices."""
+    lo, hi = crossed["ci95"]
+    picks = "; ".join(f"{f['trained_decoder']} over {f['base_decoder']}" for f in crossed["folds"])
+    return (
+        f"Cross-fitted: {crossed['median']:.2f}x [{lo:.2f}, {hi:.2f}] (each side's fastest chosen on the other half "
+        f"of the timed prompts: {picks})"
+    )
+
+
 def markdown(results: dict) -> str:
     """The whole report: machine, one table per suite, the training gain, the conventions."""
     machine = results["machine"]
@@ -77,14 +87,8 @@ def markdown(results: dict) -> str:
                 f"warm-ups; totals {gain['ratio_of_totals']:.2f}x)",
                 "",
             ]
-            if crossed := gain.get("cross_fitted"):
-                lo, hi = crossed["ci95"]
-                picks = "; ".join(f"{f['trained_decoder']} over {f['base_decoder']}" for f in crossed["folds"])
-                lines += [
-                    f"Cross-fitted: {crossed['median']:.2f}x [{lo:.2f}, {hi:.2f}] (each side's fastest chosen on the "
-                    f"other half of the timed prompts: {picks})",
-                    "",
-                ]
+            if gain.get("cross_fitted"):
+                lines += [cross_fitted_line(gain["cross_fitted"]), ""]
         lines += [
             "| model | decoder | tokens/step | pooled | x AR [95% CI] | totals | Spec-Bench | = AR | conv. | degen. | "
             "quality |",

@@ -129,21 +129,22 @@ def paired_speedup(candidate: Timings, baseline: Timings, *, seed: int = 0) -> d
 
 
 def cross_fitted_gain(
-    trained: dict[str, Timings], base: dict[str, Timings], *, folds: int = 2, seed: int = 0
+    trained: dict[str, Sequence[float]], base: dict[str, Sequence[float]], *, folds: int = 2, seed: int = 0
 ) -> dict | None:
-    """The training gain with each side's runner chosen on other prompts than those it is compared on.
+    """The training gain with each side's runner chosen on other prompts than those it is compared on; each side
+    maps a runner's label to its per-prompt tokens/s (`Timings.rates`) on the same timed prompts.
 
     The timed prompts split into `folds` interleaved folds (prompt i in fold i % folds). For each fold, each side's
     runner is the one with the highest median per-prompt tokens/s on the other folds, and the fold's prompts give
     per-prompt ratios of those two; the median and bootstrap interval are over all prompts' ratios. Unlike a choice
     on a few warm-ups, it uses every timed prompt to choose, and unlike a choice on the compared prompts themselves,
     no prompt's ratio comes from a choice it took part in. None with fewer than two prompts per fold."""
-    count = len(next(iter(trained.values())).seconds)
+    count = len(next(iter(trained.values())))
     if count < 2 * folds:
         return None
 
-    def fastest(side: dict[str, Timings], keep: list[int]) -> str:
-        return max(side, key=lambda name: statistics.median(side[name].rates[i] for i in keep))
+    def fastest(side: dict[str, Sequence[float]], keep: list[int]) -> str:
+        return max(side, key=lambda name: statistics.median(side[name][i] for i in keep))
 
     ratios: list[float] = [0.0] * count
     chosen = []
@@ -152,7 +153,7 @@ def cross_fitted_gain(
         rest = [i for i in range(count) if i % folds != fold]
         picked = fastest(trained, rest), fastest(base, rest)
         for i in held:
-            ratios[i] = trained[picked[0]].rates[i] / max(base[picked[1]].rates[i], 1e-9)
+            ratios[i] = trained[picked[0]][i] / max(base[picked[1]][i], 1e-9)
         chosen.append({"trained_decoder": picked[0], "base_decoder": picked[1], "n_prompts": len(held)})
     median, (lo, hi) = bootstrap_median(ratios, seed=seed)
     return {"median": median, "ci95": [lo, hi], "n_prompts": count, "folds": chosen}
