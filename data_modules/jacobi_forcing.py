@@ -44,7 +44,10 @@ class NoiseSchedule:
         schedule: `progressive` (block j targets ratio grid[j % window], JF's default), `shifted` (grid[(j + phase)
             % window], the phase drawn per row and epoch: the ramp of `progressive`, but every block meets every
             ratio over the epochs instead of the same pair each epoch) or `random` (a random entry per block).
-        noise_min, noise_max: ends of the ratio grid `linspace(noise_min, noise_max, window)`.
+        noise_min, noise_max: ends of the ratio grid `linspace(noise_min, noise_max, levels)`.
+        levels: points of that grid; None: `window` (JF). Only `random` may take another count: with `window=1`
+            every noisy block sees the clean blocks before it (as in a one-block decoder, plain Jacobi or
+            recycling) and still draws its ratio from `levels` points.
         synthesise: when the nearest state's ratio is more than 1/n away from the target, build a state at the
             target instead: the fixed point up to the target index, then tokens drawn from the context.
     """
@@ -54,6 +57,7 @@ class NoiseSchedule:
     noise_min: float = 0.0
     noise_max: float = 1.0
     synthesise: bool = False
+    levels: int | None = None
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -65,12 +69,19 @@ class NoiseSchedule:
                 f"data.init_args.forcing_noise_min/max must satisfy 0 <= min <= max <= 1, not "
                 f"{self.noise_min}, {self.noise_max}"
             )
+        if self.levels is not None and self.levels < 1:
+            raise UserError(f"data.init_args.forcing_levels must be at least 1, not {self.levels}")
+        if self.levels not in (None, self.window) and self.schedule != "random":
+            raise UserError(
+                f"data.init_args.forcing_levels={self.levels} needs forcing_schedule=random: the {self.schedule} "
+                f"schedule gives block j the grid point j % forcing_window, so its grid has forcing_window points"
+            )
 
     def target_ratio(self, block_index: int, rng: random.Random, phase: int = 0) -> float:
         """The noise ratio block `block_index` targets (`phase`: the row's rotation of the grid, `shifted`)."""
-        grid = torch.linspace(self.noise_min, self.noise_max, self.window).tolist()
+        grid = torch.linspace(self.noise_min, self.noise_max, self.levels or self.window).tolist()
         if self.schedule == "random":
-            return grid[rng.randrange(self.window)]
+            return grid[rng.randrange(len(grid))]
         return grid[(block_index + (phase if self.schedule == "shifted" else 0)) % self.window]
 
     def row_phase(self, rng: random.Random) -> int:

@@ -75,6 +75,8 @@ class TrajectoryDataModule(LightningDataModule):
         forcing_schedule: `progressive` (block j targets noise ratio linspace(min, max, w)[j % w]), `shifted` (the
             grid rotated by a phase drawn per row and epoch) or `random`.
         forcing_noise_min, forcing_noise_max: the ends of that noise-ratio grid.
+        forcing_levels: points of the grid (default: forcing_window); another count needs `random` (with
+            forcing_window 1 the noisy blocks see clean earlier blocks, as one-block decoders do).
         forcing_synthesise: build a state at the target ratio when the trajectory has none within 1/n.
         next_state: also collate the next state (local consistency loss); augmented states are then unused.
         use_labels: also collate ground-truth labels (prompt + answer ids).
@@ -109,6 +111,7 @@ class TrajectoryDataModule(LightningDataModule):
         forcing_noise_min: float = 0.0,
         forcing_noise_max: float = 1.0,
         forcing_synthesise: bool = False,
+        forcing_levels: int | None = None,
         next_state: bool = False,
         use_labels: bool = False,
         max_length: int = 1024,
@@ -124,7 +127,7 @@ class TrajectoryDataModule(LightningDataModule):
                 "point only: set next_state and use_labels to false (or use another state_strategy)"
             )
         self.forcing = NoiseSchedule(
-            forcing_window, forcing_schedule, forcing_noise_min, forcing_noise_max, forcing_synthesise
+            forcing_window, forcing_schedule, forcing_noise_min, forcing_noise_max, forcing_synthesise, forcing_levels
         )
         if state_strategy == "jacobi_forcing" and max_length < 2 * n + 1:
             raise UserError(f"max_length ({max_length}) must exceed 2n = {2 * n} with state_strategy=jacobi_forcing")

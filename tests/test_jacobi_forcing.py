@@ -10,6 +10,7 @@ import torch
 
 from cllm import forcing_losses
 from cllm.data_modules import jacobi_forcing as jf
+from cllm.errors import UserError
 from cllm.losses import divergence
 from cllm.module import CLLMModule
 from cllm.records import Record
@@ -158,6 +159,30 @@ def test_shifted_schedule_rotates_the_ramp_per_row_so_every_block_meets_every_ra
     for zero_at, ratios in seen.items():
         assert ratios == progressive[-zero_at:] + progressive[:-zero_at] if zero_at else ratios == progressive
     assert jf.NoiseSchedule(window=4).row_phase(random.Random(0)) == 0  # progressive: no rotation
+
+
+def test_one_block_windows_with_a_random_grid_give_clean_earlier_blocks_and_every_ratio():
+    """forcing_window 1 + forcing_levels 4 (random): what a one-block decoder sees, every block meeting every ratio."""
+    n = 4
+    records = response("a", [1, 5], n, 4, torch.Generator().manual_seed(0))
+    schedule = jf.NoiseSchedule(window=1, schedule="random", levels=4)
+    seen = {j: set() for j in range(4)}
+    for seed in range(60):
+        row = jf.build_row(records, schedule, random.Random(seed), n=n, max_length=100, eos_token_id=None)
+        for j, pair in enumerate(row.pairs):
+            seen[j].add(jf.noise_ratio(pair.noisy, pair.fixed))
+    assert all(ratios == {0.0, 0.25, 0.75, 1.0} for ratios in seen.values())  # the grid 0, 1/3, 2/3, 1 per block
+    c = len(row.context)
+    layout = jf.row_layout(row, n)
+    kinds, pairs, windows = (torch.tensor([values]) for values in layout[2:])
+    mask = jf.may_attend(kinds, pairs, windows)[0]
+    for p in range(1, 4):  # noisy_p sees fixed_i (i < p), never noisy_i
+        q = c + 2 * p * n
+        assert all(mask[q, c + (2 * i + 1) * n] for i in range(p))
+        assert not any(mask[q, c + 2 * i * n] for i in range(p))
+    assert jf.NoiseSchedule(window=4, schedule="random").target_ratio(0, random.Random(0)) in (0.0, 1 / 3, 2 / 3, 1.0)
+    with pytest.raises(UserError, match="forcing_levels=4 needs forcing_schedule=random"):
+        jf.NoiseSchedule(window=1, schedule="progressive", levels=4)
 
 
 def test_synthesised_state_sits_at_the_target_ratio_when_the_trajectory_has_none():
