@@ -1,5 +1,5 @@
 """Can low-rank adapters learn consistency? Accepted tokens per Jacobi step after the same number of steps, full
-fine-tuning against LoRA ranks, on json-extract (recipes/json-demo.yaml and recipes/json-extract-lora.yaml).
+fine-tuning against LoRA ranks, on json-extract (recipes/json-demo-jf.yaml and recipes/json-extract-lora.yaml).
 
     OMP_NUM_THREADS=1 python benchmarks/lora_experiment.py --data runs/demo/json-demo/trajectories \\
         --full runs/demo/json-demo/fit --ranks 32 128 --steps 40
@@ -9,7 +9,7 @@ Each rank trains the json-extract-lora recipe's fit (its base config, overlays a
 rank) on the trajectories in `--data` and is stopped after its validation at `--steps`: training is deterministic and
 the schedule is the recipe's (the cosine over its 200 steps), so the figures at that step are those of the whole run's;
 a rerun reuses the runs already in `--work_dir`. `--full` is the fit folder of the json-demo recipe (the full fine-tune,
-same data and schedule; `cllm run --recipe recipes/json-demo.yaml` or `make demo`), read at the same step; without it
+same data and schedule; `cllm run --recipe recipes/json-demo-jf.yaml`), read at the same step; without it
 the full fine-tune is trained here too. Figures are the AcceptedTokensCallback's on the held-out json-extract validation
 prompts: mean accepted tokens per Jacobi step (before training: the base model), agreement with the base model's greedy
 output and the rate of degenerate (repeating) outputs; gain = trained - base, and each rank's share of the full
