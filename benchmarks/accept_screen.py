@@ -12,7 +12,7 @@ Prints one line per model: mean tokens/step with a 95% bootstrap interval over p
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import platform
 import random
 import statistics
@@ -21,12 +21,41 @@ from pathlib import Path
 
 import torch
 
+from cllm.arguments import parse_settings, run_script
 from cllm.data_modules.prompts import encode_prompts, load_prompts
 from cllm.decoders import decode_batched
+from cllm.errors import UserError
 from cllm.files import write_json
 from cllm.hardware import recorded_cpu_flags
 from cllm.models import eos_ids, load_model
 from cllm.scoring import has_repeated_run, quality
+
+
+@dataclasses.dataclass(kw_only=True)
+class ScreenSettings:
+    """`benchmarks/accept_screen.py`: untimed tokens/step and quality of model folders on a validation split.
+
+    Args:
+        models: model specs or exported folders; the first is the reference of `equal_to_first`.
+        prompts: prompt set (a validation split: the test split is for the reported figures).
+        limit: the first K prompts.
+        n: Jacobi block size.
+        max_new_tokens: generation budget per prompt.
+        batch_size: prompts per Jacobi batch.
+        dtype: model dtype (`auto`: the fastest here).
+        init: initial guess of fresh block positions (`cllm.jacobi.INIT_STRATEGIES`).
+        output: JSON file for the figures (per-prompt rates included); none: print only.
+    """
+
+    models: list[str] = dataclasses.field(default_factory=list)
+    prompts: str = "json-extract:validation"
+    limit: int = 96
+    n: int = 16
+    max_new_tokens: int = 64
+    batch_size: int = 16
+    dtype: str = "auto"
+    init: str = "context"
+    output: str | None = None
 
 
 def bootstrap_mean(values: list[float], draws: int = 2000, seed: int = 0) -> tuple[float, float]:
@@ -63,18 +92,10 @@ def screen(spec: str, prompts, *, n: int, max_new_tokens: int, batch_size: int, 
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", required=True)
-    parser.add_argument("--prompts", default="json-extract:validation")
-    parser.add_argument("--limit", type=int, default=96)
-    parser.add_argument("--n", type=int, default=16)
-    parser.add_argument("--max_new_tokens", type=int, default=64)
-    parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--init", default="context", help="initial guess of fresh positions (INIT_STRATEGIES)")
-    parser.add_argument("--output")
-    args = parser.parse_args()
+def main(argv: list[str]) -> None:
+    args = parse_settings(ScreenSettings, argv, "benchmarks/accept_screen.py", __doc__)
+    if not args.models:
+        raise UserError("--models: give at least one model spec or folder")
     prompts = load_prompts(args.prompts, limit=args.limit)
     rows = []
     for spec in args.models:
@@ -105,15 +126,8 @@ def main() -> None:
         write_json(
             Path(args.output),
             {
-                "command": "python benchmarks/accept_screen.py "
-                + " ".join(
-                    f"--{k} {' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in vars(args).items() if v
-                ),
-                "prompts": args.prompts,
-                "limit": len(prompts),
-                "n": args.n,
-                "init": args.init,
-                "max_new_tokens": args.max_new_tokens,
+                "command": "python benchmarks/accept_screen.py " + " ".join(argv),
+                "settings": dataclasses.asdict(args),
                 "machine": {
                     "cpu_flags": recorded_cpu_flags(),
                     "processor": platform.processor(),
@@ -125,4 +139,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -93,3 +93,12 @@ def test_train_step_compares_four_variants_at_a_tiny_shape(tmp_path):
     assert "cpu_flags" in result["machine"] and result["auto"]["dtype"]
     float32 = [r["loss"] for r in result["rows"] if r["compute"] == "float32"]
     assert float32[0] == pytest.approx(float32[1], rel=1e-5)  # the same first-step loss, sliced or not
+
+
+def test_block_profile_credits_each_pass_to_the_stretch_of_its_first_token(tmp_path):
+    block_profile = load(BENCHMARKS / "block_profile.py")
+    answers = [[1, 1, 14, 16], [16, 2, 2]]  # prompt 1: passes start at 0, 1, 2, 16; prompt 2: at 0, 16, 18
+    lines = [json.dumps({"choices": [{"accept_lengths": lengths}]}) for lengths in answers]
+    (tmp_path / "r.jsonl").write_text("\n".join(lines) + "\n")
+    rows = block_profile.profile(tmp_path / "r.jsonl", stretch=16, stretches=4)
+    assert rows == {0: (2.0, (1 + 1 + 14 + 16) / 4), 1: (1.5, (16 + 2 + 2) / 3)}
