@@ -79,7 +79,7 @@ def screen(spec: str, prompts, *, n: int, max_new_tokens: int, batch_size: int, 
             init=init,
         )
     texts = [tokenizer.decode(t, skip_special_tokens=True) for t in result.tokens]
-    rates = [len(t) / max(1, len(a)) for t, a in zip(result.tokens, result.accepted_per_pass)]
+    rates = result.accepted_tokens_per_step
     return {
         "model": spec,
         "tokens_per_step": statistics.fmean(rates),

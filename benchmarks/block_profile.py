@@ -11,13 +11,13 @@ json-jf-long's plain Jacobi (JF's 4-block windows) spends 9.5 of its 18.4 passes
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from cllm.arguments import parse_settings, run_script
 from cllm.errors import UserError
+from cllm.spec_bench import read_answers
 
 
 @dataclass(kw_only=True)
@@ -35,7 +35,7 @@ class BlockProfileSettings:
 
 def profile(path: Path, stretch: int = 16, stretches: int = 4) -> dict:
     """{stretch index: (passes per prompt, tokens per pass)}; the last stretch takes everything after it."""
-    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = read_answers(path)
     accepted = defaultdict(list)
     for line in lines:
         position = 0
