@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import platform
-import random
 import statistics
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ from cllm.files import write_json
 from cllm.hardware import recorded_cpu_flags
 from cllm.models import eos_ids, load_model
 from cllm.scoring import has_repeated_run, quality
+from cllm.timing import bootstrap
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -58,12 +58,6 @@ class ScreenSettings:
     output: str | None = None
 
 
-def bootstrap_mean(values: list[float], draws: int = 2000, seed: int = 0) -> tuple[float, float]:
-    rng = random.Random(seed)
-    means = sorted(statistics.fmean(rng.choices(values, k=len(values))) for _ in range(draws))
-    return means[int(0.025 * draws)], means[int(0.975 * draws) - 1]
-
-
 def screen(spec: str, prompts, *, n: int, max_new_tokens: int, batch_size: int, dtype: str, init: str) -> dict:
     model, tokenizer = load_model(spec, dtype=dtype)
     ids = encode_prompts(tokenizer, prompts)
@@ -83,7 +77,7 @@ def screen(spec: str, prompts, *, n: int, max_new_tokens: int, batch_size: int, 
     return {
         "model": spec,
         "tokens_per_step": statistics.fmean(rates),
-        "ci95": bootstrap_mean(rates),
+        "ci95": bootstrap(rates, statistics.fmean)[1],
         "per_prompt": rates,
         "quality": quality(prompts[0].id.split("/")[0], prompts, texts),
         "degenerate_rate": sum(has_repeated_run(t) for t in result.tokens) / len(result.tokens),

@@ -9,6 +9,7 @@ from cllm import timing
 from cllm.timing import (
     Timings,
     agreeing_speedup,
+    bootstrap,
     bootstrap_median,
     conversion_efficiency,
     cross_fitted_gain,
@@ -82,6 +83,16 @@ def test_bootstrap_covers_the_true_median_about_95_percent_of_the_time():
         _, (lo, hi) = bootstrap_median(values, resamples=500, seed=trial)
         covered += lo <= 1.0 <= hi
     assert 0.88 <= covered / 200 <= 0.995
+
+
+def test_bootstrap_of_the_mean_covers_a_skewed_sample_mean_and_not_its_median():
+    # exponential values: mean 1.0, median ln 2 = 0.69; 400 of them pin the mean's interval well away from the median
+    rng = random.Random(5)
+    values = [rng.expovariate(1.0) for _ in range(400)]
+    mean, (lo, hi) = bootstrap(values, statistics.fmean, resamples=2000)
+    assert mean == statistics.fmean(values) and lo < mean < hi
+    assert lo < 1.0 < hi and lo > 0.8
+    assert bootstrap(values, resamples=2000) == bootstrap_median(values, resamples=2000)
 
 
 def test_paired_speedup_hand_computed():

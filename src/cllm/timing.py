@@ -88,20 +88,33 @@ def time_paired(runners: dict[str, Runner], prompts: list[list[int]], repeats: i
     return result
 
 
-def bootstrap_median(
-    values: Sequence[float], *, confidence: float = 0.95, resamples: int = RESAMPLES, seed: int = 0
+def bootstrap(
+    values: Sequence[float],
+    statistic: Callable[[Sequence[float]], float] = statistics.median,
+    *,
+    confidence: float = 0.95,
+    resamples: int = RESAMPLES,
+    seed: int = 0,
 ) -> tuple[float, tuple[float, float]]:
-    """(median, (lo, hi)): the sample median and its percentile-bootstrap interval (resampling values with
-    replacement, `resamples` times, a fixed seed so a report is reproducible from its records)."""
+    """(statistic, (lo, hi)): the sample's `statistic` (median by default) and its percentile-bootstrap interval
+    (resampling values with replacement, `resamples` times, a fixed seed so a report is reproducible from its
+    records)."""
     if not values:
         raise ValueError("no values to bootstrap")
     rng = random.Random(seed)
     count = len(values)
-    medians = sorted(statistics.median(rng.choices(values, k=count)) for _ in range(resamples))
+    draws = sorted(statistic(rng.choices(values, k=count)) for _ in range(resamples))
     tail = (1.0 - confidence) / 2
-    lo = medians[int(tail * (resamples - 1))]
-    hi = medians[int(round((1.0 - tail) * (resamples - 1)))]
-    return statistics.median(values), (lo, hi)
+    lo = draws[int(tail * (resamples - 1))]
+    hi = draws[int(round((1.0 - tail) * (resamples - 1)))]
+    return statistic(values), (lo, hi)
+
+
+def bootstrap_median(
+    values: Sequence[float], *, confidence: float = 0.95, resamples: int = RESAMPLES, seed: int = 0
+) -> tuple[float, tuple[float, float]]:
+    """(median, (lo, hi)): `bootstrap` of the median."""
+    return bootstrap(values, statistics.median, confidence=confidence, resamples=resamples, seed=seed)
 
 
 def paired_speedup(candidate: Timings, baseline: Timings, *, seed: int = 0) -> dict:
