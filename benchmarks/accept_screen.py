@@ -74,10 +74,11 @@ def screen(spec: str, prompts, *, n: int, max_new_tokens: int, batch_size: int, 
         )
     texts = [tokenizer.decode(t, skip_special_tokens=True) for t in result.tokens]
     rates = result.accepted_tokens_per_step
+    mean, ci95 = bootstrap(rates, statistics.fmean)
     return {
         "model": spec,
-        "tokens_per_step": statistics.fmean(rates),
-        "ci95": bootstrap(rates, statistics.fmean)[1],
+        "tokens_per_step": mean,
+        "ci95": ci95,
         "per_prompt": rates,
         "quality": quality(prompts[0].id.split("/")[0], prompts, texts),
         "degenerate_rate": sum(has_repeated_run(t) for t in result.tokens) / len(result.tokens),
