@@ -1,5 +1,6 @@
 """Recipes and the runner: every recipe parses (with every base), bad recipes are one line, a tiny recipe runs end
-to end (fit with progress lines, export, evaluate vs the base), and `ablate --recipe` plans its variants."""
+to end (fit with progress lines, export, evaluate vs the base) and an evaluation-only recipe times its model again,
+and `ablate --recipe` plans its variants."""
 
 import json
 import subprocess
@@ -55,6 +56,23 @@ def test_every_recipe_prints_its_config_with_every_base(recipe, base, tmp_path, 
         ("recipe: {base: tiny.yaml, evaluate: {prompts: [p], repeat: 2}}\n", "unknown key recipe.evaluate.repeat"),
         ("recipe: {base: tiny.yaml, evaluate: {prompts: [p], repeats: 0}}\n", "--repeats must be >= 1"),
         ("recipe: [1\n", "not valid YAML"),
+        (
+            "recipe: {evaluates: recipes/json-demo.yaml, evaluate: {prompts: [p]}}\ntrainer: {max_steps: 2}\n",
+            "holds only recipe.evaluate; trainer belongs in recipes/json-demo.yaml",
+        ),
+        (
+            "recipe: {evaluates: recipes/json-demo.yaml, base: tiny.yaml, evaluate: {prompts: [p]}}\n",
+            "recipe.base belongs in recipes/json-demo.yaml",
+        ),
+        (
+            "recipe: {evaluates: recipes/json-one-block-long-decoders.yaml, evaluate: {prompts: [p]}}\n",
+            "itself an evaluation-only recipe",
+        ),
+        (
+            "recipe: {evaluates: recipes/json-demo.yaml, evaluate: {prompts: [p], repeat: 2}}\n",
+            "unknown key recipe.evaluate.repeat",
+        ),
+        ("recipe: {evaluates: recipes/json-demo.yaml, evaluate: {prompts: [p]}}\n", "no exported model in"),
     ],
 )
 def test_a_bad_recipe_is_one_line_before_anything_runs(content, message, tmp_path, capsys):
@@ -103,6 +121,20 @@ def test_a_tiny_recipe_runs_end_to_end_with_progress_in_the_terminal(tmp_path):
     assert set(report["models"]) == {"cllm", "base"} and "eval" in report["training_gain"]
     assert report["command"].startswith("python -m cllm run --recipe")
 
+    # an evaluation-only recipe times that model again, with other settings, without fitting
+    again = tmp_path / "tiny-again.yaml"
+    evaluation = {**yaml.safe_load(recipe.read_text())["recipe"]["evaluate"], "decoder": ["jacobi"]}
+    again.write_text(yaml.safe_dump({"recipe": {"evaluates": str(recipe), "evaluate": evaluation}}))
+    command = [sys.executable, "-m", "cllm", "run", "--recipe", str(again), "--work_dir", str(tmp_path / "runs")]
+    done = subprocess.run(command, capture_output=True, text=True, check=False, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "== fit" not in done.stdout
+    folder = tmp_path / "runs" / "tiny-recipe" / "report-tiny-again"
+    report = json.loads((folder / "results.json").read_text())
+    assert report["recipe"]["evaluates"] == str(recipe) and "fit" not in report["recipe"]["timings"]
+    assert report["recipe"]["n"] == 4 and set(report["models"]) == {"cllm", "base"}
+    assert yaml.safe_load((folder / "recipe-fit.yaml").read_text())["trainer"]["max_steps"] == 2
+
 
 def test_ablate_runs_the_variants_of_a_recipe(tmp_path, capsys):
     recipe = tiny_recipe(tmp_path)
@@ -111,3 +143,14 @@ def test_ablate_runs_the_variants_of_a_recipe(tmp_path, capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith(f"cllm run --recipe {recipe} --name baseline --work_dir {tmp_path / 'r'}")
     assert "--overlay" in out[1] and out[1].endswith("--override trainer.max_steps=1") and "--name n8" in out[1]
+
+
+def test_an_evaluation_only_recipe_takes_no_fit_override(tmp_path, capsys):
+    recipe = tmp_path / "again.yaml"
+    recipe.write_text("recipe: {evaluates: recipes/json-demo.yaml, evaluate: {prompts: [p]}}\n")
+    argv = ["run", "--recipe", str(recipe), "--work_dir", str(tmp_path / "runs"), "--override", "trainer.max_steps=3"]
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "only evaluates" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "runs").exists()

@@ -14,6 +14,15 @@ progress lines shown here and everything in fit.log; (2) `cllm export` of the la
 (3) `cllm evaluate` of the trained model against the base model (`cllm.evaluate`: paired timing, training gain);
 (4) results.json + results.md in --output (default WORK_DIR/NAME/report), with the recipe, command, validation
 curve and stage times. `--overlay` runs a variant (NAME+STEM...); `--override KEY=VALUE` changes one fit setting.
+
+An evaluation-only recipe times another recipe's model with other evaluation settings; it holds no fit settings of
+its own (they, the base and the overlays are the named recipe's: one owner) and never fits:
+
+    recipe:
+      evaluates: recipes/json-one-block-long.yaml    # its model, runs/json-one-block-long/model, must be exported
+      evaluate: {prompts: [json-extract:test], decoder: [jacobi, jacobi+compile, recycle], n_values: [8, 16, 32]}
+
+Its report goes to WORK_DIR/NAME/report-STEM (NAME: the evaluated recipe's, STEM: this file's) unless --output says.
 """
 
 from __future__ import annotations
@@ -38,7 +47,7 @@ from cllm.tracking import read_metrics_csv
 
 PYTHON = [sys.executable, "-m", "cllm"]
 PROGRESS = "--trainer.callbacks+=cllm.callbacks.progress.ProgressCallback"
-RECIPE_KEYS = {"base", "overlays", "evaluate"}
+RECIPE_KEYS = {"base", "overlays", "evaluate", "evaluates"}
 
 
 @dataclass(kw_only=True)
@@ -50,7 +59,7 @@ class RunSettings:
         overlay: extra overlays, a variant of the recipe (repeatable; the run is named NAME+STEM).
         override: one fit setting, KEY=VALUE (repeatable), e.g. model.init_args.lr=1e-4.
         work_dir: runs write WORK_DIR/NAME/ (trajectories, fit, model, report).
-        output: the report folder (default WORK_DIR/NAME/report).
+        output: the report folder (default WORK_DIR/NAME/report; an evaluation-only recipe's WORK_DIR/NAME/report-STEM).
         name: the run's folder name (default: the recipe's file stem, +STEM of each --overlay).
         skip_fit: evaluate the model already exported in the work folder.
     """
@@ -64,24 +73,49 @@ class RunSettings:
     skip_fit: bool = False
 
 
-def load_recipe(path: str) -> tuple[dict, dict]:
+def load_recipe(path: str, named_by: str | None = None) -> tuple[dict, dict]:
     """(the `recipe:` block, the fit settings) of a recipe file; unknown recipe keys and evaluation settings are
-    refused naming the file and the key, before anything runs."""
+    refused naming the file and the key, before anything runs. `named_by`: the evaluation-only recipe naming it."""
     try:
         content = yaml.safe_load(Path(path).read_text()) or {}
     except yaml.YAMLError as err:
         raise UserError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from err
     block = content.pop("recipe", None)
+    if isinstance(block, dict) and "evaluates" in block:
+        if named_by:
+            raise UserError(f"{named_by}: recipe.evaluates names {path}, itself an evaluation-only recipe")
+        return _evaluation_only(path, block, content)
     if not isinstance(block, dict) or "base" not in block or "evaluate" not in block:
         raise UserError(f"{path}: a recipe needs a `recipe:` block with `base` and `evaluate`")
     unknown = set(block) - RECIPE_KEYS
     if unknown:
         raise UserError(f"{path}: unknown key recipe.{sorted(unknown)[0]}; a recipe block holds {sorted(RECIPE_KEYS)}")
+    return _checked_evaluation(path, block), content
+
+
+def _evaluation_only(path: str, block: dict, content: dict) -> tuple[dict, dict]:
+    """An evaluation-only recipe (`evaluates: OTHER`): OTHER's base, overlays and fit settings, this file's
+    evaluation; it may hold nothing else (a fit setting here would not describe the model it times)."""
+    extra = [f"recipe.{key}" for key in sorted(set(block) - {"evaluates", "evaluate"})] or sorted(content)
+    if extra:
+        raise UserError(
+            f"{path}: an evaluation-only recipe (recipe.evaluates) holds only recipe.evaluate; {extra[0]} belongs "
+            f"in {block['evaluates']}"
+        )
+    if not isinstance(block["evaluates"], str) or not isinstance(block.get("evaluate"), dict):
+        raise UserError(f"{path}: recipe.evaluates names a recipe file and recipe.evaluate gives the settings")
+    other, fit = load_recipe(resolve_config(block["evaluates"]), named_by=path)
+    evaluation = {**block, "base": other["base"], "overlays": other.get("overlays", [])}
+    return _checked_evaluation(path, evaluation), fit
+
+
+def _checked_evaluation(path: str, block: dict) -> dict:
+    """The recipe block, once every recipe.evaluate key is a `cllm evaluate` setting."""
     known = {f.name for f in dataclasses.fields(EvaluateSettings)} - {"model", "base", "output", "n"}
     for key in block["evaluate"]:
         if key not in known:
             raise UserError(f"{path}: unknown key recipe.evaluate.{key}; `cllm evaluate --help` lists them")
-    return block, content
+    return block
 
 
 def fit_config(configs: list[str], fit_args: list[str]) -> dict:
@@ -130,18 +164,30 @@ def run(settings: RunSettings, argv: list[str] | None = None) -> dict:
     for item in settings.override:
         if "=" not in item:
             raise UserError(f"--override {item!r}: give KEY=VALUE, e.g. model.init_args.lr=1e-4")
-    name = settings.name or "+".join([Path(recipe).stem, *(Path(o).stem for o in settings.overlay)])
+    evaluates = block.get("evaluates")  # an evaluation-only recipe: the named recipe's work folder and model
+    stem = Path(evaluates or recipe).stem
+    name = settings.name or "+".join([stem, *(Path(o).stem for o in settings.overlay)])
     work = Path(settings.work_dir) / name
-    output = Path(settings.output) if settings.output else work / "report"
+    report = f"report-{Path(recipe).stem}" if evaluates else "report"
+    output = Path(settings.output) if settings.output else work / report
     base_evaluation = EvaluateSettings(model="(trained)", **block["evaluate"])
     check_settings(base_evaluation)  # a bad evaluation setting fails now, not after the fit
     configs = [
         resolve_config(block["base"]),
         *(resolve_config(o) for o in [*block.get("overlays", []), *settings.overlay]),
     ]
+    exported, timings = work / "model", {}
+    if evaluates:  # refused before anything is written: it fits nothing, so it needs the model and takes no override
+        if settings.override:
+            raise UserError(f"--override {settings.override[0]}: {recipe} only evaluates; override the fit it names")
+        if not exported.is_dir():
+            raise UserError(f"{recipe}: no exported model in {exported}; run `cllm run --recipe {evaluates}` first")
     work.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(work / "recipe-fit.yaml", yaml.safe_dump(fit_settings, sort_keys=False))
-    configs.append(str(work / "recipe-fit.yaml"))
+    # the fit settings beside the model stay those of the fit that made it: an evaluation keeps its copy in the report
+    fit_file = (output if evaluates else work) / "recipe-fit.yaml"
+    fit_file.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(fit_file, yaml.safe_dump(fit_settings, sort_keys=False))
+    configs.append(str(fit_file))
     fit_args = [
         f"--trainer.default_root_dir={work / 'fit'}",
         f"--trainer.logger.init_args.save_dir={work / 'fit'}",
@@ -153,8 +199,7 @@ def run(settings: RunSettings, argv: list[str] | None = None) -> dict:
         base_evaluation.max_new_tokens = config["data"]["init_args"]["max_new_tokens"]
     base_model = config["model"]["init_args"]["model"]
     n, _ = block_size(config["data"]["init_args"]["path"], config["data"]["init_args"].get("n"))
-    exported, timings = work / "model", {}
-    if not settings.skip_fit:
+    if not settings.skip_fit and not evaluates:
         fit = [*PYTHON, "fit", *(f"--config={c}" for c in configs), *fit_args, PROGRESS]
         timings["fit"] = run_stage("fit", fit, work / "fit.log", shown="[progress]")
         export = [*PYTHON, "export", "--ckpt", str(latest_checkpoint(work / "fit")), "--output", str(exported)]
@@ -168,6 +213,7 @@ def run(settings: RunSettings, argv: list[str] | None = None) -> dict:
     results["command"] = " ".join(["python -m cllm run", *(argv or [f"--recipe {settings.recipe}"])])
     results["recipe"] = {
         "file": str(Path(settings.recipe)),
+        **({"evaluates": evaluates} if evaluates else {}),
         "name": name,
         "overlays": settings.overlay,
         "overrides": settings.override,
