@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 
 from cllm.evaluate import EvaluateSettings, evaluate
+from cllm.evaluate_figures import tokens_per_step_non_degenerate
 from cllm.models import build_tiny_tokenizer
 from cllm.runners import Candidate, choose
+from cllm.timing import Timings
 
 FIXTURE = Path(__file__).parent / "fixtures" / "evaluate"
 
@@ -53,6 +55,8 @@ def test_results_json_has_the_documented_shape(report):
         assert speed["ci95"][0] <= speed["median"] <= speed["ci95"][1] and speed["n_prompts"] == 4
         assert figures["agreement_with_ar"] == 1.0  # float64: every decoder is lossless
         assert figures["tokens_per_step"] >= 1.0 and figures["tokens_per_step_pooled"] >= 1.0
+        clean = figures["tokens_per_step_non_degenerate"]
+        assert (clean is None) == (figures["degenerate_rate"] == 1.0) and (clean is None or clean >= 1.0)
         assert figures["conversion_efficiency"] > 0
     gain = results["training_gain"]["set"]
     assert gain["n_prompts"] == 4 and gain["trained_decoder"] == entry["fastest"]
@@ -216,3 +220,11 @@ def test_the_cross_fitted_gain_recomputed_from_the_records_equals_the_engines(re
     again = json.loads((copy / "results.json").read_text())["training_gain"]["set"]["cross_fitted"]
     assert again == results["training_gain"]["set"]["cross_fitted"]
     assert "Cross-fitted" in (copy / "results.md").read_text()
+
+
+def test_tokens_per_step_without_degenerate_outputs_drops_the_loops():
+    loop, plain, short = [7] * 12, list(range(12)), [1, 2, 3, 4]
+    timing = Timings(tokens=[loop, plain, short], passes=[[12], [3] * 4, [1, 1, 2]])  # 12, 3 and 4/3 tokens/pass
+    assert timing.tokens_per_step == pytest.approx((12 + 3 + 4 / 3) / 3)
+    assert tokens_per_step_non_degenerate(timing) == pytest.approx((3 + 4 / 3) / 2)
+    assert tokens_per_step_non_degenerate(Timings(tokens=[loop], passes=[[12]])) is None

@@ -68,3 +68,23 @@ def test_a_cross_fitted_gain_stands_in_brackets_after_the_warm_up_choice(tmp_pat
     (root / "recipe" / "results.json").write_text(json.dumps(report))
     body = write(ResultsSettings(root=str(root), output=str(tmp_path / "docs" / "results.md"), readme=""))
     assert "| 1.34x [1.30, 1.64] (1.20x [1.05, 1.40]) |" in body
+
+
+@pytest.mark.parametrize(
+    "clean, shown",
+    [
+        (1.1, "1.095 -> **1.048** (1.100 non-degenerate), degen. 0.00 -> 0.25 |"),
+        (None, "1.095 -> **1.048** (every output degenerate), degen. 0.00 -> 0.25 |"),
+        ("absent", "1.095 -> **1.048**, degen. 0.00 -> 0.25 |"),  # a report from before the figure existed
+    ],
+)
+def test_degenerate_outputs_are_named_beside_the_trained_tokens_per_step(tmp_path, clean, shown):
+    root = reports(tmp_path)
+    report = json.loads((root / "recipe" / "results.json").read_text())
+    jacobi = report["models"]["cllm"]["eval"]["decoders"]["jacobi"]
+    jacobi["degenerate_rate"] = 0.25
+    if clean != "absent":
+        jacobi["tokens_per_step_non_degenerate"] = clean
+    (root / "recipe" / "results.json").write_text(json.dumps(report))
+    body = write(ResultsSettings(root=str(root), output=str(tmp_path / "docs" / "results.md"), readme=""))
+    assert shown in body

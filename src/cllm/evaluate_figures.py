@@ -8,11 +8,20 @@ from pathlib import Path
 from cllm.records import REPETITION_LIMIT, longest_run
 from cllm.scoring import quality
 from cllm.spec_bench import answer_lines, speed, write_answers
-from cllm.timing import agreeing_speedup, agreement, conversion_efficiency, paired_speedup, pass_seconds
+from cllm.timing import Timings, agreeing_speedup, agreement, conversion_efficiency, paired_speedup, pass_seconds
 
 
 def degenerate_rate(outputs: list[list[int]]) -> float:
     return sum(longest_run(o) >= REPETITION_LIMIT for o in outputs) / max(len(outputs), 1)
+
+
+def tokens_per_step_non_degenerate(timing: Timings) -> float | None:
+    """Tokens/step over the outputs that are not degenerate (None when every one is): a repetition loop is easy to
+    guess in parallel, so degenerate outputs inflate acceptance, and this is the figure a quality loss cannot buy."""
+    kept = [k for k, tokens in enumerate(timing.tokens) if longest_run(tokens) < REPETITION_LIMIT]
+    if not kept:
+        return None
+    return Timings(tokens=[timing.tokens[k] for k in kept], passes=[timing.passes[k] for k in kept]).tokens_per_step
 
 
 def figures(settings, suite, prompts, encoded, model, chosen, timings, full, results, output) -> None:
@@ -72,6 +81,7 @@ def figures(settings, suite, prompts, encoded, model, chosen, timings, full, res
             "pass_width": candidate.width,
             "tokens_per_step": whole.tokens_per_step,
             "tokens_per_step_pooled": whole.tokens_per_step_pooled,
+            "tokens_per_step_non_degenerate": tokens_per_step_non_degenerate(whole),
             "speedup_vs_ar": speedup,
             "agreement_with_ar": agreement(timing, ar_timing),
             "speedup_vs_ar_agreeing": agreeing_speedup(timing, ar_timing),

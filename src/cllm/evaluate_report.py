@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
+from cllm.records import REPETITION_LIMIT
+
 QUALITY_KEYS = ("pass_at_1", "valid", "exact", "fields")
-CONVENTIONS = """Conventions: **x AR** = median over timed prompts of (decoder tokens/s / AR tokens/s), batch 1, prefill
-included, with its 95% bootstrap interval; *totals* = ratio of summed tokens over summed seconds; *Spec-Bench* = mean
-per-prompt tokens/s over AR's, computed as hemingkx/Spec-Bench's evaluation/speed.py does from the records;
+CONVENTIONS = f"""Conventions: **x AR** = median over timed prompts of (decoder tokens/s / AR tokens/s), batch 1,
+prefill included, with its 95% bootstrap interval; *totals* = ratio of summed tokens over summed seconds; *Spec-Bench*
+= mean per-prompt tokens/s over AR's, computed as hemingkx/Spec-Bench's evaluation/speed.py does from the records;
 **tokens/step** = generated tokens / decode passes per sequence, averaged (*pooled*: all tokens / all passes,
-Spec-Bench's mean accepted length); **= AR**: share of timed prompts whose output equals AR's token for token (x AR
-over those prompts beside it); **conv.**: conversion efficiency = x AR / (tokens/step x c(1)/c(width)), pass costs
-measured in this run; AR and every decoder of every model ran back to back per prompt in rotating order, each the
-minimum of R repeats; settings (AR variant, n, dtype) were chosen on warm-up prompts that were not timed."""
+Spec-Bench's mean accepted length; *non-degen.*: over the outputs without a run of {REPETITION_LIMIT} identical
+tokens, which a repetition loop cannot inflate); **= AR**: share of timed prompts whose output equals AR's token for
+token (x AR over those prompts beside it); **conv.**: conversion efficiency = x AR / (tokens/step x c(1)/c(width)),
+pass costs measured in this run; AR and every decoder of every model ran back to back per prompt in rotating order,
+each the minimum of R repeats; settings (AR variant, n, dtype) were chosen on warm-up prompts that were not timed."""
 
 
 def _quality(entry: dict) -> str:
     return ", ".join(f"{k} {entry[k]:.3f}" for k in QUALITY_KEYS if k in entry) or "-"
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
 
 
 def _interval(figure: dict) -> str:
@@ -26,7 +33,7 @@ def suite_rows(name: str, entry: dict) -> list[str]:
     """Markdown table rows of one model on one suite: AR, then every decoder."""
     ar = entry["ar"]
     rows = [
-        f"| {name} | AR ({ar['variant']}) | 1.000 | 1.000 | 1.00x | - | - | - | - | "
+        f"| {name} | AR ({ar['variant']}) | 1.000 | 1.000 | 1.000 | 1.00x | - | - | - | - | "
         f"{entry['degenerate_rate']:.2f} | {_quality(entry)} |"
     ]
     for d in entry["decoders"].values():
@@ -34,6 +41,7 @@ def suite_rows(name: str, entry: dict) -> list[str]:
         agree = f"{d['agreement_with_ar']:.0%}" + (f" ({agreeing['median']:.2f}x)" if agreeing else "")
         rows.append(
             f"| {name} | {d['setting']} | {d['tokens_per_step']:.3f} | {d['tokens_per_step_pooled']:.3f} | "
+            f"{_number(d.get('tokens_per_step_non_degenerate'))} | "
             f"{_interval(speed)} | {speed['ratio_of_totals']:.2f}x | {speed['spec_bench']:.2f}x | {agree} | "
             f"{d['conversion_efficiency']:.2f} | {d['degenerate_rate']:.2f} | {_quality(d['quality'])} |"
         )
@@ -90,9 +98,9 @@ def markdown(results: dict) -> str:
             if gain.get("cross_fitted"):
                 lines += [cross_fitted_line(gain["cross_fitted"]), ""]
         lines += [
-            "| model | decoder | tokens/step | pooled | x AR [95% CI] | totals | Spec-Bench | = AR | conv. | degen. | "
-            "quality |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "| model | decoder | tokens/step | pooled | non-degen. | x AR [95% CI] | totals | Spec-Bench | = AR | "
+            "conv. | degen. | quality |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for name, model in results["models"].items():
             lines += suite_rows(name, model[suite])

@@ -68,9 +68,14 @@ def rows(report: dict, path: str) -> list[str]:
         if suite == "spec":
             continue
         base = models.get("base", {}).get(suite, {})
-        jacobi = entry["decoders"].get("jacobi", {}).get("tokens_per_step")
-        base_jacobi = base.get("decoders", {}).get("jacobi", {}).get("tokens_per_step")
-        tps = f"{base_jacobi:.3f} -> **{jacobi:.3f}**" if jacobi and base_jacobi else "-"
+        trained_jacobi, base_jacobi = entry["decoders"].get("jacobi", {}), base.get("decoders", {}).get("jacobi", {})
+        jacobi, before = trained_jacobi.get("tokens_per_step"), base_jacobi.get("tokens_per_step")
+        tps = f"{before:.3f} -> **{jacobi:.3f}**" if jacobi and before else "-"
+        if tps != "-" and trained_jacobi.get("degenerate_rate"):  # a loop inflates acceptance: the figure without
+            if "tokens_per_step_non_degenerate" in trained_jacobi:  # (reports before it was measured lack it)
+                clean = trained_jacobi["tokens_per_step_non_degenerate"]
+                tps += f" ({clean:.3f} non-degenerate)" if clean is not None else " (every output degenerate)"
+            tps += f", degen. {base_jacobi.get('degenerate_rate', 0):.2f} -> {trained_jacobi['degenerate_rate']:.2f}"
         fastest = entry["fastest"]
         decoder = next((d for d in entry["decoders"].values() if d["setting"] == fastest), None)
         speed = f"{_interval(decoder['speedup_vs_ar'])} ({fastest})" if decoder else f"1.00x ({fastest})"
