@@ -59,7 +59,8 @@ class TrajectoryDataModule(LightningDataModule):
             to collect). `cllm fit` links it into the module and the accepted-tokens callback.
         max_new_tokens: generated tokens per prompt when collecting.
         init: initial guess of each block when collecting (`context`, official; `repeat`; `pad`).
-        prompt_limit: collect only the first K prompts.
+        prompt_limit: collect only the first K prompts; a folder collected with another limit is refused (grow it
+            with `cllm trajectories --limit K` into the same --output: only the new shards are collected).
         collect_shard_size: prompts per shard when collecting (the unit a killed collection resumes from).
         collect_batch_size: prompts per forward pass when collecting.
         collect_dtype: model dtype when collecting; `auto`: the fastest here (`cllm.hardware`).
@@ -197,6 +198,8 @@ class TrajectoryDataModule(LightningDataModule):
         if "imported_from" not in manifest:  # an import was not made by any config: only tokenizer and n apply
             h = self.hparams
             asked = {"prompts": h.prompts, "max_new_tokens": h.max_new_tokens, "chat_template": h.chat_template}
+            if h.prompt_limit is not None:  # else a folder of 256 prompts would train a config asking for 768
+                asked["prompt_limit"] = h.prompt_limit
             check_collection_settings(manifest, {**asked, "init": h.init, "model": self.model}, self.path)
             check_model_fingerprint(manifest, weights_fingerprint(self.model), self.path, self.model)
         verify_checksums(self.path, manifest)

@@ -164,6 +164,18 @@ def test_fit_from_nothing_collects_then_streams(tmp_path):
         assert batch["attention_mask"][row, : start + 4].all() and not batch["attention_mask"][row, start + 4 :].any()
 
 
+def test_a_folder_collected_with_another_prompt_limit_is_refused(tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"q{i}", "prompt": f"x = {i}"}) + "\n" for i in range(4)))
+    asked = {"prompts": str(prompts), "n": 4, "max_new_tokens": 8, "val_fraction": 0.0, "collect_dtype": "float64"}
+    first = TrajectoryDataModule(str(tmp_path / "data"), "tiny", prompt_limit=2, **asked)
+    first.prepare_data()
+    first.setup()
+    TrajectoryDataModule(str(tmp_path / "data"), "tiny", **asked).setup()  # no limit asked: any folder trains
+    with pytest.raises(UserError, match="collected with prompt_limit = 2, the config asks 4"):
+        TrajectoryDataModule(str(tmp_path / "data"), "tiny", prompt_limit=4, **asked).setup()
+
+
 def test_stream_without_trainer_is_a_plain_iterable(tmp_path):
     records = make_dataset(tmp_path)
     stream = TrajectoryStream(

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from cllm.collection import Collector, CollectSettings, main
+from cllm.errors import UserError
 from cllm.models import load_model
 from cllm.records import read_manifest, read_records, write_dataset_manifest
 from cllm.trajectory import collect_trajectories
@@ -92,6 +93,27 @@ def test_cli_writes_shards_and_manifest_and_resumes(tmp_path, tiny, capsys):
     assert (out / "shard-00001.jsonl").read_bytes() == first
     with pytest.raises(Exception, match="other settings"):
         main(argv[:-4] + ["--batch_size", "2", "--dtype", "float64", "--seed", "9"])
+
+
+def test_a_collection_grows_by_whole_shards_and_never_shrinks(tmp_path, tiny):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"def f{i}(x):"}) + "\n" for i in range(6)))
+    out, reference = tmp_path / "data", tmp_path / "reference"
+    argv = ["--model", "tiny", "--prompts", str(prompts), "--n", "4", "--max_new_tokens", "8"]
+    argv += ["--batch_size", "2", "--shard_size", "2", "--dtype", "float64"]
+    main([*argv, "--output", str(out), "--limit", "4"])
+    written = {f: (out / f).stat().st_mtime_ns for f in ("shard-00000.jsonl", "shard-00001.jsonl")}
+    main([*argv, "--output", str(out), "--limit", "6"])  # grows: only shard 2 is collected
+    assert {f: (out / f).stat().st_mtime_ns for f in written} == written
+    main([*argv, "--output", str(reference), "--limit", "6"])
+    grown, fresh = read_manifest(out), read_manifest(reference)
+    assert [s["sha256"] for s in grown["shards"]] == [s["sha256"] for s in fresh["shards"]]
+    assert grown["stats"]["prompts"] == 6 and grown["prompt_limit"] == 6
+    with pytest.raises(UserError, match="holds a collection of 6 prompts .* gives 4; a collection grows, it never"):
+        main([*argv, "--output", str(out), "--limit", "4"])
+    main([*argv, "--output", str(tmp_path / "odd"), "--limit", "3"])  # its last shard holds one prompt
+    with pytest.raises(UserError, match="prompts of shard 1 .* a collection grows by whole shards"):
+        main([*argv, "--output", str(tmp_path / "odd"), "--limit", "5"])
 
 
 def test_clean_counts_dropped_records(tmp_path, tiny):

@@ -74,6 +74,7 @@ class Collector:
             "init": config.init,
             "seed": config.seed,
             "prompts": config.prompts,
+            "prompt_limit": config.limit,  # what the fit's data.init_args.prompt_limit is checked against
             "prompt_count": len(self.prompts),
             "chat_template": config.chat_template,
             "clean": config.clean,
@@ -101,30 +102,43 @@ class Collector:
     def check_settings(self) -> None:
         """A resumed run must use the settings of the first one, else its shards would mix two datasets.
 
-        Settings of a run that wrote no shard yet (it failed first) are simply replaced.
+        Settings of a run that wrote no shard yet (it failed first) are simply replaced. A run asking for more
+        prompts of the same set (a higher --limit) grows the collection: every shard written holds the same prompts
+        as this run's shard of that index (their digests agree), so only the new shards are collected.
         """
         path = self.folder / SETTINGS_NAME
         started = any(self.folder.glob("shard-*.jsonl"))
-        if path.is_file() and started:
-            previous = json.loads(path.read_text(encoding="utf-8"))
-            # a key the first run did not record (an older cllm) cannot be compared
-            changed = {k: (previous[k], v) for k, v in self.settings.items() if k in previous and previous[k] != v}
-            digests = changed.pop("prompt_digests", None)
-            if changed:
-                detail = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
-                raise UserError(
-                    f"{path}: {self.folder} holds a collection with other settings ({detail}); "
-                    "use another --output or delete the folder"
-                )
-            if digests:
-                shard = next((k for k, (old, new) in enumerate(zip(*digests)) if old != new), 0)
+        if not (path.is_file() and started):
+            atomic_write_text(path, json.dumps(self.settings, indent=2) + "\n")
+            return
+        previous = json.loads(path.read_text(encoding="utf-8"))
+        # a key the first run did not record (an older cllm) cannot be compared
+        changed = {k: (previous[k], v) for k, v in self.settings.items() if k in previous and previous[k] != v}
+        digests, count = changed.pop("prompt_digests", None), changed.pop("prompt_count", None)
+        changed.pop("prompt_limit", None)  # the digests and the count decide whether the prompts agree
+        if changed:
+            detail = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
+            raise UserError(
+                f"{path}: {self.folder} holds a collection with other settings ({detail}); "
+                "use another --output or delete the folder"
+            )
+        if count and count[1] < count[0]:
+            raise UserError(
+                f"{path}: {self.folder} holds a collection of {count[0]} prompts of {self.config.prompts}, this run "
+                f"gives {count[1]}; a collection grows, it never shrinks: use another --output"
+            )
+        if digests:
+            shard = next((k for k, (old, new) in enumerate(zip(*digests)) if old != new), None)
+            if shard is not None:
                 size = self.config.shard_size
+                partial = " (its last shard held fewer prompts: a collection grows by whole shards)"
                 raise UserError(
                     f"{path}: the prompts of shard {shard} (prompts {shard * size}..{(shard + 1) * size - 1} of "
-                    f"{self.config.prompts}) changed since this collection started; resuming would mix two prompt "
-                    "sets: use another --output or delete the folder"
+                    f"{self.config.prompts}) changed since this collection started"
+                    + (partial if count and shard == len(digests[0]) - 1 else "")
+                    + "; resuming would mix two prompt sets: use another --output or delete the folder"
                 )
-        else:
+        if self.settings != previous:  # grown, or a key an older cllm did not record
             atomic_write_text(path, json.dumps(self.settings, indent=2) + "\n")
 
     @property
