@@ -111,6 +111,12 @@ def test_a_collection_grows_by_whole_shards_and_never_shrinks(tmp_path, tiny):
     assert grown["stats"]["prompts"] == 6 and grown["prompt_limit"] == 6
     with pytest.raises(UserError, match="holds a collection of 6 prompts .* gives 4; a collection grows, it never"):
         main([*argv, "--output", str(out), "--limit", "4"])
+    settings = json.loads((out / "collection.json").read_text())
+    del settings["prompt_digests"]  # as an older cllm wrote it: the prompts of its shards cannot be checked
+    (out / "collection.json").write_text(json.dumps(settings))
+    with pytest.raises(UserError, match="holds 6 prompts collected without prompt digests, this run gives 7"):
+        prompts.write_text(prompts.read_text() + json.dumps({"id": "p6", "prompt": "def f6(x):"}) + "\n")
+        main([*argv, "--output", str(out)])
     main([*argv, "--output", str(tmp_path / "odd"), "--limit", "3"])  # its last shard holds one prompt
     with pytest.raises(UserError, match="prompts of shard 1 .* a collection grows by whole shards"):
         main([*argv, "--output", str(tmp_path / "odd"), "--limit", "5"])

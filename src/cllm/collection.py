@@ -122,6 +122,11 @@ class Collector:
                 f"{path}: {self.folder} holds a collection with other settings ({detail}); "
                 "use another --output or delete the folder"
             )
+        if count and "prompt_digests" not in previous:  # an older cllm's: its shards' prompts cannot be checked
+            raise UserError(
+                f"{path}: {self.folder} holds {count[0]} prompts collected without prompt digests, this run gives "
+                f"{count[1]}; it cannot grow: use another --output"
+            )
         if count and count[1] < count[0]:
             raise UserError(
                 f"{path}: {self.folder} holds a collection of {count[0]} prompts of {self.config.prompts}, this run "
