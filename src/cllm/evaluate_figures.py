@@ -5,20 +5,19 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from cllm.records import REPETITION_LIMIT, longest_run
-from cllm.scoring import quality
+from cllm.scoring import has_repeated_run, quality
 from cllm.spec_bench import answer_lines, speed, write_answers
 from cllm.timing import Timings, agreeing_speedup, agreement, conversion_efficiency, paired_speedup, pass_seconds
 
 
 def degenerate_rate(outputs: list[list[int]]) -> float:
-    return sum(longest_run(o) >= REPETITION_LIMIT for o in outputs) / max(len(outputs), 1)
+    return sum(map(has_repeated_run, outputs)) / max(len(outputs), 1)
 
 
 def tokens_per_step_non_degenerate(timing: Timings) -> float | None:
     """Tokens/step over the outputs that are not degenerate (None when every one is): a repetition loop is easy to
     guess in parallel, so degenerate outputs inflate acceptance, and this is the figure a quality loss cannot buy."""
-    kept = [k for k, tokens in enumerate(timing.tokens) if longest_run(tokens) < REPETITION_LIMIT]
+    kept = [k for k, tokens in enumerate(timing.tokens) if not has_repeated_run(tokens)]
     if not kept:
         return None
     return Timings(tokens=[timing.tokens[k] for k in kept], passes=[timing.passes[k] for k in kept]).tokens_per_step
