@@ -152,8 +152,15 @@ single = decode_shard(reference, prompts, rank=0, world_size=1, batch_size=1, **
 local = sum(len(t) for t in decoded.tokens)
 out = {"values": values, "passes": len(passes), "tokens": local, "rates": decoded.accepted_tokens_per_step,
        "single_rates": single.accepted_tokens_per_step}
-json.dump(out, open(f"rank{rank}.json", "w"))
+with open(f"rank{rank}.json", "w") as f:  # closed before os._exit below
+    json.dump(out, f)
+# Clean ending: every rank past its last collective, then the group gone, then out without the interpreter's
+# teardown, where the DTensors' device mesh still holds gloo's process group and its worker threads can abort the
+# process after the work is done ("terminate called without an active exception": a CI flake, rank 0, after "same").
+dist.barrier()
 dist.destroy_process_group()
+sys.stdout.flush()
+os._exit(0)
 """
 
 

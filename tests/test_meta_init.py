@@ -13,7 +13,7 @@ from cllm.models import build_tiny
 pytestmark = pytest.mark.slow
 
 COMPARE_SCRIPT = """
-import sys, torch, torch.distributed as dist
+import os, sys, torch, torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from cllm.models import load_model, shard_fsdp2
 from cllm.sharded_load import load_sharded
@@ -46,7 +46,13 @@ ids = torch.randint(3, 200, (2, 9), generator=torch.Generator().manual_seed(0))
 with torch.no_grad():
     assert torch.equal(meta(input_ids=ids).logits, plain(input_ids=ids).logits)
 print("same")
+# Clean ending: every rank past its last collective, then the group gone, then out without the interpreter's
+# teardown, where the DTensors' device mesh still holds gloo's process group and its worker threads can abort the
+# process after the work is done ("terminate called without an active exception": a CI flake, rank 0, after "same").
+dist.barrier()
 dist.destroy_process_group()
+sys.stdout.flush()
+os._exit(0)
 """
 
 
