@@ -228,3 +228,21 @@ def test_tokens_per_step_without_degenerate_outputs_drops_the_loops():
     assert timing.tokens_per_step == pytest.approx((12 + 3 + 4 / 3) / 3)
     assert tokens_per_step_non_degenerate(timing) == pytest.approx((3 + 4 / 3) / 2)
     assert tokens_per_step_non_degenerate(Timings(tokens=[loop], passes=[[12]])) is None
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"temperature": 1}, "--decoder recycle\\+compile with --temperature > 0: the compiled fast path is greedy"),
+        ({"candidates": 0}, "--decoder recycle\\+compile verifies pool n-grams: --candidates must be >= 1"),
+    ],
+)
+def test_compiled_recycle_refuses_what_it_cannot_do_in_one_line(tmp_path, overrides, message):
+    from cllm.errors import UserError
+
+    settings = EvaluateSettings(
+        model="tiny", prompts=[str(prompt_file(tmp_path, 3))], decoder=["recycle+compile"], **overrides
+    )
+    with pytest.raises(UserError, match=message):
+        evaluate(settings)
+    assert not list(tmp_path.glob("out*"))

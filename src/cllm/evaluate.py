@@ -38,7 +38,15 @@ from cllm.generate import DecodeSettings, check_decoding_settings
 from cllm.hardware import OtherLoad, recorded_cpu_flags
 from cllm.jacobi import DecodeOptions
 from cllm.models import context_length, eos_ids, load_model, resolve_dtype
-from cllm.runners import COMPILED_JACOBI, DECODER_NAMES, Candidate, ar_candidates, choose, decoder_candidates
+from cllm.runners import (
+    COMPILED_RECYCLE,
+    DECODER_NAMES,
+    FAST_PATHS,
+    Candidate,
+    ar_candidates,
+    choose,
+    decoder_candidates,
+)
 from cllm.scoring import agreement_with_base
 from cllm.timing import (
     Timings,
@@ -58,7 +66,8 @@ class EvaluateSettings(DecodeSettings):
         prompts: prompt sets (repeatable): json-extract:test, stdlib-code:test, humaneval, or a .jsonl file.
         base: the untrained model, timed the same way (training gain = trained fastest / base fastest).
         output: report folder (results.json, results.md, records/).
-        decoder: decoders timed (repeatable): jacobi | multiblock | recycle | multiblock+recycle | jacobi+compile.
+        decoder: decoders timed (repeatable): jacobi | multiblock | recycle | multiblock+recycle | jacobi+compile |
+            recycle+compile.
         limit: evaluate the first K prompts of each set.
         max_new_tokens: generation budget per prompt.
         n_values: block sizes tried per decoder on the warm-up prompts (default: --n).
@@ -90,11 +99,14 @@ class EvaluateSettings(DecodeSettings):
 def check_settings(settings: EvaluateSettings) -> None:
     """Refuse impossible settings before anything loads or is written."""
     sampled = not settings.sampling().greedy
-    named = [d for d in settings.decoder if d != COMPILED_JACOBI]  # the fast path is ours, not a DECODERS entry
+    named = [d for d in settings.decoder if d not in FAST_PATHS]  # the fast paths are ours, not DECODERS entries
     # with sampling, --compile only drops the (greedy) compiled AR candidates: not an error here
     check_decoding_settings(dataclasses.replace(settings, decoder=named, compile=settings.compile and not sampled))
-    if sampled and COMPILED_JACOBI in settings.decoder:
-        raise UserError(f"--decoder {COMPILED_JACOBI} with --temperature > 0: the compiled fast path is greedy only")
+    for fast in FAST_PATHS:
+        if sampled and fast in settings.decoder:
+            raise UserError(f"--decoder {fast} with --temperature > 0: the compiled fast path is greedy only")
+    if COMPILED_RECYCLE in settings.decoder and settings.candidates < 1:
+        raise UserError(f"--decoder {COMPILED_RECYCLE} verifies pool n-grams: --candidates must be >= 1, got 0")
     if settings.n == "auto":
         raise UserError("--n auto: give the candidates instead, --n_values 8 16 32 (chosen on the warm-up prompts)")
     for name in settings.decoder:

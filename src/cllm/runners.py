@@ -2,7 +2,8 @@
 
 A runner decodes one prompt and returns (generated ids, tokens committed by each decode pass). The AR candidates
 are Hugging Face greedy `generate` (eager) and a static cache + `torch.compile`d step (`cllm.compiled`), in every
-dtype loaded; the decoder candidates are each decoder at each block size n in every dtype. Settings are chosen on
+dtype loaded; the decoder candidates are each decoder at each block size n in every dtype (`jacobi+compile` and
+`recycle+compile` are `jacobi` and `recycle` on that fast path). Settings are chosen on
 warm-up prompts that are then never timed (`choose`): the fastest median tokens/s wins, and a compiled AR whose
 output differs from eager AR in its dtype on most warm-up prompts is excluded, not chosen.
 """
@@ -14,14 +15,16 @@ from dataclasses import dataclass
 
 import torch
 
-from cllm.compiled import compiled_ar, static_jacobi_generate
-from cllm.decoders import DECODERS, decode_batched
+from cllm.compiled import compiled_ar, static_jacobi_generate, static_recycle_generate
+from cllm.decoders import DECODER_OPTIONS, DECODERS, decode_batched
 from cllm.jacobi import DecodeOptions, left_pad
 from cllm.sampling import SamplingSettings, sampled_ar
 from cllm.timing import Runner, agreement, time_paired
 
 COMPILED_JACOBI = "jacobi+compile"  # the fixed-shape Jacobi step on the static-cache fast path
-DECODER_NAMES = (*DECODERS, COMPILED_JACOBI)
+COMPILED_RECYCLE = "recycle+compile"  # rejection recycling in a fixed-width pass on the same fast path
+FAST_PATHS = (COMPILED_JACOBI, COMPILED_RECYCLE)  # ours (`cllm.compiled`), greedy only, not `DECODERS` entries
+DECODER_NAMES = (*DECODERS, *FAST_PATHS)
 
 
 @dataclass
@@ -121,10 +124,18 @@ def decoder_candidates(
         for n in n_values:
             opts = DecodeOptions(**{**options.__dict__, "n": n})
 
+            width = pass_width(decoder, n, decoder_options)
             if decoder == COMPILED_JACOBI:
 
                 def run(prompt, model=model, opts=opts):
                     result = static_jacobi_generate(model, [prompt], opts, max_len=max_len)
+                    return result.tokens[0], result.accepted_per_pass[0]
+
+            elif decoder == COMPILED_RECYCLE:
+                own = {k: v for k, v in decoder_options.items() if k in DECODER_OPTIONS["recycle"]}
+
+                def run(prompt, model=model, opts=opts, own=own, slots=max_len + width):  # room for the wider pass
+                    result = static_recycle_generate(model, [prompt], opts, max_len=slots, **own)
                     return result.tokens[0], result.accepted_per_pass[0]
 
             else:
@@ -141,7 +152,6 @@ def decoder_candidates(
                     )
                     return result.tokens[0], result.accepted_per_pass[0]
 
-            width = pass_width(decoder, n, decoder_options)
             candidates.append(Candidate(f"{decoder} n={n} {dtype}", decoder, n, dtype, run, width))
     return candidates
 
