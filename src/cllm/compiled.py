@@ -34,7 +34,7 @@ from cllm.jacobi import (
     jacobi_step,
     left_pad,
 )
-from cllm.ngram_pool import NGramPool
+from cllm.ngram_pool import seeded_pools
 from cllm.segments import accepted_length, additive_mask, fresh_guesses, guess_row, pack_segments
 
 SLOT_ROUNDING = 128  # max_len is rounded up to a multiple of this, so prompts of similar length share one graph
@@ -257,11 +257,7 @@ def static_recycle_generate(
     valid[:, :width] = attention_mask.bool()
     known = run.prefill(input_ids, attention_mask)
     positions = attention_mask.sum(-1)
-    pools = [NGramPool(ngram, pool_size) for _ in range(batch)]
-    for pool, prompt in zip(pools, prompts):
-        pool.add_all(prompt)
-        for gram in ngrams:
-            pool.add(gram)
+    pools = seeded_pools(prompts, ngram, pool_size, ngrams)
     guesses = fresh_guesses(prompt_tensors, n - 1, options, generator)
     windows = [[int(known[i])] + guess_row(guesses[i], int(known[i]), init) for i in range(batch)]
     active = list(range(batch))

@@ -43,7 +43,7 @@ from cllm.jacobi import (
     jacobi_generate,
     prefill,
 )
-from cllm.ngram_pool import NGramPool
+from cllm.ngram_pool import NGramPool, seeded_pools
 from cllm.prefill import greedy_pick
 from cllm.sampled_jacobi import SampledWindowRule
 from cllm.sampling import SamplingSettings, sampled_decoder
@@ -115,12 +115,10 @@ def multiblock_generate(
     prompt_tensors = [torch.as_tensor(list(prompt), dtype=torch.long) for prompt in prompts]
     pick = greedy_pick if rule is None else rule.first
     cache, attention_mask, next_position, known = prefill(model, prompt_tensors, pad_token_id, pick)
-    pools = [NGramPool(ngram, pool_size) for _ in range(batch)]
     if candidates:
-        for pool, prompt in zip(pools, prompts):
-            pool.add_all(prompt)
-            for gram in ngrams:
-                pool.add(gram)
+        pools = seeded_pools(prompts, ngram, pool_size, ngrams)
+    else:  # asked for no candidates and never filled
+        pools = [NGramPool(ngram, pool_size) for _ in range(batch)]
     # Each row's window: a list of token ids, its first token known correct; its length is n * (blocks in flight).
     guesses = fresh_guesses(prompt_tensors, n - 1, options, generator)
     windows = [[int(known[i])] + guess_row(guesses[i], int(known[i]), init) for i in range(batch)]

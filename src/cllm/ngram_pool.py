@@ -33,3 +33,15 @@ class NGramPool:
         exclude = tuple(exclude)
         picked = [g for g in self.grams.get(first, []) if exclude[: len(g)] != g]
         return picked[:count]
+
+
+def seeded_pools(
+    prompts: Sequence[Sequence[int]], length: int, per_key: int, planted: Sequence[Sequence[int]] = ()
+) -> list[NGramPool]:
+    """One pool per row holding its prompt's n-grams, then the `planted` ones (most recent first, so those lead)."""
+    pools = [NGramPool(length, per_key) for _ in prompts]
+    for pool, prompt in zip(pools, prompts):
+        pool.add_all(prompt)
+        for gram in planted:
+            pool.add(gram)
+    return pools
