@@ -88,3 +88,14 @@ def test_degenerate_outputs_are_named_beside_the_trained_tokens_per_step(tmp_pat
     (root / "recipe" / "results.json").write_text(json.dumps(report))
     body = write(ResultsSettings(root=str(root), output=str(tmp_path / "docs" / "results.md"), readme=""))
     assert shown in body
+
+
+def test_a_report_timing_only_the_fast_path_jacobi_shows_its_tokens_per_step(tmp_path):
+    root = reports(tmp_path)
+    report = json.loads((root / "recipe" / "results.json").read_text())
+    for model in report["models"].values():  # jacobi+compile instead of eager jacobi, on both models
+        decoders = model["eval"]["decoders"]
+        decoders["jacobi+compile"] = decoders.pop("jacobi")
+    (root / "recipe" / "results.json").write_text(json.dumps(report))
+    body = write(ResultsSettings(root=str(root), output=str(tmp_path / "docs" / "results.md"), readme=""))
+    assert "1.095 -> **1.048**" in body

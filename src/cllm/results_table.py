@@ -59,6 +59,13 @@ def _flags(report: dict) -> str:
     return ",".join(f for f in machine["cpu_flags"] if "=" not in f) or machine["cpu"]
 
 
+def _plain_jacobi(entry: dict) -> dict:
+    """A model's plain Jacobi figures: eager `jacobi`'s, else `jacobi+compile`'s (the same iteration on the fast
+    path: same outputs and passes, `tests/test_compiled.py`); {} when neither was timed."""
+    decoders = entry.get("decoders", {})
+    return decoders.get("jacobi") or decoders.get("jacobi+compile") or {}
+
+
 def rows(report: dict, path: str) -> list[str]:
     """One table row per prompt set of one report."""
     recipe, models = report["recipe"], report["models"]
@@ -68,7 +75,7 @@ def rows(report: dict, path: str) -> list[str]:
         if suite == "spec":
             continue
         base = models.get("base", {}).get(suite, {})
-        trained_jacobi, base_jacobi = entry["decoders"].get("jacobi", {}), base.get("decoders", {}).get("jacobi", {})
+        trained_jacobi, base_jacobi = _plain_jacobi(entry), _plain_jacobi(base)
         jacobi, before = trained_jacobi.get("tokens_per_step"), base_jacobi.get("tokens_per_step")
         tps = f"{before:.3f} -> **{jacobi:.3f}**" if jacobi and before else "-"
         if tps != "-" and trained_jacobi.get("degenerate_rate"):  # a loop inflates acceptance: the figure without
