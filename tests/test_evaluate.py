@@ -4,13 +4,15 @@ Spec-Bench records read by an independent reimplementation of Spec-Bench's arith
 import json
 import statistics
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
+from cllm import timing
 from cllm.evaluate import EvaluateSettings, evaluate
 from cllm.evaluate_figures import tokens_per_step_non_degenerate
 from cllm.models import build_tiny_tokenizer
-from cllm.runners import Candidate, choose
+from cllm.runners import Candidate, choose, choose_fastest
 from cllm.timing import Timings
 
 FIXTURE = Path(__file__).parent / "fixtures" / "evaluate"
@@ -60,6 +62,9 @@ def test_results_json_has_the_documented_shape(report):
         assert figures["conversion_efficiency"] > 0
     gain = results["training_gain"]["set"]
     assert gain["n_prompts"] == 4 and gain["trained_decoder"] == entry["fastest"]
+    final = entry["fastest_choice"]  # the kinds' winners, timed side by side: the fastest is its maximum
+    assert set(final) == {"ar eager float64"} | {d["setting"] for d in entry["decoders"].values()}
+    assert entry["fastest"] == max(final, key=final.get)
     assert gain["base_decoder"] == results["models"]["base"]["set"]["fastest"]
     crossed, labels = gain["cross_fitted"], {d["setting"] for d in entry["decoders"].values()} | {"ar eager float64"}
     assert crossed["n_prompts"] == 4 and [f["n_prompts"] for f in crossed["folds"]] == [2, 2]
@@ -167,6 +172,32 @@ def test_choose_excludes_a_compiled_ar_that_disagrees_with_eager_and_records_fai
     assert best.label == "ar eager float32"
     assert table["ar compiled float32"]["excluded"] and table["ar compiled float32"]["agreement_with_eager"] == 0.0
     assert table["ar compiled bfloat16"]["failed"].startswith("RuntimeError: no C++ compiler")
+
+
+def test_the_fastest_runner_is_chosen_in_one_paired_round_not_across_rounds(monkeypatch):
+    """A runner slow in its own warm-up round (a compile still settling, a busy stretch) but faster than its rival
+    once both are timed side by side is the one chosen: separate rounds are not compared. A fake clock: exact."""
+    clock = [0.0]
+    monkeypatch.setattr(timing, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    calls = [0]
+
+    def settling(prompt):  # 3 s a prompt on its first three calls, then 1 s
+        calls[0] += 1
+        clock[0] += 3.0 if calls[0] <= 3 else 1.0
+        return [1, 2], [2]
+
+    def steady(prompt):  # 2 s a prompt
+        clock[0] += 2.0
+        return [1, 2], [2]
+
+    a = Candidate("recycle n=16 float32", "recycle", 16, "float32", settling)
+    b = Candidate("recycle+compile n=16 float32", "recycle+compile", 16, "float32", steady)
+    warm = [[5], [6]]
+    (won_a, table_a), (won_b, table_b) = choose([a], warm), choose([b], warm)
+    assert table_a[a.label]["median_tokens_per_s"] == pytest.approx(2 / 3)  # its own round: a looks slower
+    assert table_b[b.label]["median_tokens_per_s"] == pytest.approx(1.0)
+    best, table = choose_fastest([won_a, won_b], warm, repeats=2)
+    assert best is a and table == {a.label: pytest.approx(2.0), b.label: pytest.approx(1.0)}
 
 
 def test_sampled_evaluation_times_hf_sampling_against_sampled_jacobi(tmp_path):

@@ -7,7 +7,8 @@ The one evaluation engine: `cllm bench` is this command without quality; the rec
 
 1. Choices on warm-up prompts that are then never timed (`--warmup` of them, from `SUITE:validation` for a
    `SUITE:test` set, else the set's first ones): the AR variant (eager / compiled x dtypes) and each decoder's
-   block size n and dtype, per model; each model's *fastest* (AR a candidate) for the training gain.
+   block size n and dtype, per model, each candidate `--repeats` times per warm-up (minimum kept); then each
+   model's *fastest* (AR a candidate) for the training gain, its winners timed paired in one more round.
 2. Every test prompt timed (`--timed` lowers it): AR and every chosen decoder of every model back to back on the
    prompt, in rotating order, `--repeats` times, minimum kept (`cllm.timing`).
 3. Figures (see `cllm.timing.paired_speedup`): speedup = median of per-prompt ratios with a 95% bootstrap interval,
@@ -45,6 +46,7 @@ from cllm.runners import (
     Candidate,
     ar_candidates,
     choose,
+    choose_fastest,
     decoder_candidates,
 )
 from cllm.scoring import agreement_with_base
@@ -250,14 +252,14 @@ def evaluate_suite(settings, suite, prompts, warmups, models, results, output) -
         warm = model.encode(warmups, settings, f"{suite} warm-ups")
         longest = max(map(len, encoded[model.name] + warm))
         ar, decoders = model.candidates(settings, longest)
-        picked = {"ar": choose(ar, warm)}
+        picked = {"ar": choose(ar, warm, settings.repeats)}
         for name, candidates in decoders.items():
-            picked[name] = choose(candidates, warm)
+            picked[name] = choose(candidates, warm, settings.repeats)
         chosen[model.name] = {kind: candidate for kind, (candidate, _) in picked.items()}
         tables = {kind: table for kind, (_, table) in picked.items()}
-        best = max(picked.values(), key=lambda pair: pair[1][pair[0].label]["median_tokens_per_s"])[0]
+        best, final = choose_fastest(list(chosen[model.name].values()), warm, settings.repeats)
         fastest[model.name] = best.label
-        results["models"][model.name][suite] = {"choice": tables, "fastest": best.label}
+        results["models"][model.name][suite] = {"choice": tables, "fastest": best.label, "fastest_choice": final}
         for candidate in chosen[model.name].values():
             runners[f"{model.name}/{candidate.label}"] = candidate.run
     if any(encoded[m.name] != encoded[models[0].name] for m in models):

@@ -5,7 +5,9 @@ are Hugging Face greedy `generate` (eager) and a static cache + `torch.compile`d
 dtype loaded; the decoder candidates are each decoder at each block size n in every dtype (`jacobi+compile` and
 `recycle+compile` are `jacobi` and `recycle` on that fast path). Settings are chosen on
 warm-up prompts that are then never timed (`choose`): the fastest median tokens/s wins, and a compiled AR whose
-output differs from eager AR in its dtype on most warm-up prompts is excluded, not chosen.
+output differs from eager AR in its dtype on most warm-up prompts is excluded, not chosen. A model's fastest runner
+(for the training gain) is chosen among those winners in one more paired round on the same warm-ups
+(`choose_fastest`): figures from separate rounds are not comparable (a round's drift is its own).
 """
 
 from __future__ import annotations
@@ -156,8 +158,9 @@ def decoder_candidates(
     return candidates
 
 
-def choose(candidates: list[Candidate], warmups: list[list[int]]) -> tuple[Candidate, dict]:
-    """(the fastest candidate on the warm-up prompts, the table of every candidate's warm-up figures).
+def choose(candidates: list[Candidate], warmups: list[list[int]], repeats: int = 1) -> tuple[Candidate, dict]:
+    """(the fastest candidate on the warm-up prompts, the table of every candidate's warm-up figures), each prompt
+    timed `repeats` times per candidate, the minimum kept (as the timed prompts are).
 
     Each candidate decodes the first warm-up prompt once first (compilation, allocation: not speed); a compiled
     candidate that fails there is left out with its error in the table (a compiler that fails is a result, not a
@@ -173,7 +176,7 @@ def choose(candidates: list[Candidate], warmups: list[list[int]]) -> tuple[Candi
             table[candidate.label] = {"failed": f"{type(err).__name__}: {str(err).strip()[:200]}"}
             continue
         usable[candidate.label] = candidate
-    timings = time_paired({label: c.run for label, c in usable.items()}, warmups, repeats=1)
+    timings = time_paired({label: c.run for label, c in usable.items()}, warmups, repeats)
     eager = {c.dtype: timings[label] for label, c in usable.items() if label.startswith("ar eager")}
     for label, timing in timings.items():
         row = {"median_tokens_per_s": statistics.median(timing.rates), "tokens_per_step": timing.tokens_per_step}
@@ -184,3 +187,15 @@ def choose(candidates: list[Candidate], warmups: list[list[int]]) -> tuple[Candi
     eligible = [label for label in timings if not table[label].get("excluded")]
     best = max(eligible, key=lambda label: table[label]["median_tokens_per_s"])
     return usable[best], table
+
+
+def choose_fastest(chosen: list[Candidate], warmups: list[list[int]], repeats: int = 1) -> tuple[Candidate, dict]:
+    """(the fastest of `chosen`, each kind's winner of `choose`, and {label: median tokens/s}): all of them timed
+    paired in one round on the warm-ups, `repeats` times each, the minimum kept. Comparing the figures of separate
+    `choose` rounds instead compares two stretches of time as well as two runners: on a 2-core CPU the separate rounds
+    put recycle+compile 17% ahead of recycle, and timed side by side on 48 prompts the two were within 1%
+    (docs/results/json-one-block-1536-320)."""
+    timings = time_paired({c.label: c.run for c in chosen}, warmups, repeats)
+    table = {label: statistics.median(timing.rates) for label, timing in timings.items()}
+    best = max(chosen, key=lambda c: table[c.label])
+    return best, table
