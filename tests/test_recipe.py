@@ -3,6 +3,7 @@ to end (fit with progress lines, export, evaluate vs the base) and an evaluation
 and `ablate --recipe` plans its variants."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,8 +13,9 @@ import yaml
 
 from cllm.arguments import bundled_config_dir
 from cllm.cli import main
+from cllm.errors import UserError
 from cllm.evaluate import EvaluateSettings, check_settings
-from cllm.recipe import load_recipe
+from cllm.recipe import load_recipe, resume_checkpoint, validation_curve
 
 RECIPES = sorted(str(p.relative_to(bundled_config_dir())) for p in bundled_config_dir().glob("recipes/*.yaml"))
 BASES = ["tiny.yaml", "smollm2-135m.yaml", "llama7b.yaml"]
@@ -134,6 +136,89 @@ def test_a_tiny_recipe_runs_end_to_end_with_progress_in_the_terminal(tmp_path):
     assert report["recipe"]["evaluates"] == str(recipe) and "fit" not in report["recipe"]["timings"]
     assert report["recipe"]["n"] == 4 and set(report["models"]) == {"cllm", "base"}
     assert yaml.safe_load((folder / "recipe-fit.yaml").read_text())["trainer"]["max_steps"] == 2
+
+
+CRASH_ONCE = """
+from pathlib import Path
+
+from lightning.pytorch.callbacks import Callback
+
+
+class CrashOnce(Callback):
+    \"\"\"Fails the fit as step 3 begins, once (a marker beside this file remembers).\"\"\"
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        marker = Path(__file__).with_name("crashed")
+        if trainer.global_step == 3 and not marker.exists():
+            marker.write_text("1")
+            raise RuntimeError("planted crash at step 3")
+"""
+
+
+@pytest.mark.slow
+def test_a_recipe_run_again_resumes_its_fit_from_the_last_checkpoint(tmp_path):
+    """A fit killed after its step-2 checkpoint resumes there on the rerun (steps 3-4 only, one curve);
+    a rerun with another setting is refused in one line, and nothing of the run is touched."""
+    recipe = tiny_recipe(tmp_path)
+    content = yaml.safe_load(recipe.read_text())
+    content["trainer"] = {"max_steps": 4, "val_check_interval": 2}
+    recipe.write_text(yaml.safe_dump(content))
+    (tmp_path / "crash_once.py").write_text(CRASH_ONCE)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, "-m", "cllm", "run", "--recipe", str(recipe), "--work_dir", str(tmp_path / "runs")]
+    command += ["--override", "trainer.callbacks+=crash_once.CrashOnce"]
+    first = subprocess.run(command, capture_output=True, text=True, check=False, cwd=tmp_path, env=env)
+    assert first.returncode == 2 and "stage fit failed" in first.stderr, first.stderr[-3000:]
+    fit = tmp_path / "runs" / "tiny-recipe" / "fit"
+    assert (fit / "checkpoints" / "last.ckpt").exists() and "planted crash" in (fit.parent / "fit.log").read_text()
+
+    again = subprocess.run(command, capture_output=True, text=True, check=False, cwd=tmp_path, env=env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "fit resumes from" in again.stdout and "[progress] step 4/4" in again.stdout
+    assert "[progress] step 1/4" not in again.stdout  # steps 1-2 were not trained again
+    log = (fit.parent / "fit.log").read_text()
+    assert "planted crash" in log and "Restoring" in log  # the first attempt's log kept, the second after it
+    report = json.loads((fit.parent / "report" / "results.json").read_text())
+    assert [step for step, _ in report["recipe"]["validation_curve"]] == [0, 1, 3]  # Lightning logs step - 1
+
+    other = subprocess.run([*command, "--override", "model.init_args.lr=0.5"], capture_output=True, text=True,
+                           check=False, cwd=tmp_path, env=env)  # fmt: skip
+    assert other.returncode == 2 and "model.init_args.lr differs" in other.stderr, other.stderr[-3000:]
+    assert len(other.stderr.strip().splitlines()) == 1
+    assert yaml.safe_load((fit.parent / "recipe-fit.yaml").read_text())["trainer"]["max_steps"] == 4
+
+
+def test_resume_checkpoint_starts_fresh_resumes_only_the_same_settings_and_moves_a_stopped_fit_aside(tmp_path):
+    fit = tmp_path / "run" / "fit"
+    config = {"model": {"init_args": {"lr": 1e-4}}, "trainer": {"max_steps": 4}}
+    assert resume_checkpoint(fit, config, "run") is None  # fresh: the settings it starts with are kept
+    assert yaml.safe_load((fit / "settings.yaml").read_text()) == config
+    assert resume_checkpoint(fit, config, "run") is None  # stopped before any checkpoint: moved aside
+    fit_folder, aside = sorted(p.name for p in fit.parent.iterdir())
+    assert fit_folder == "fit" and aside.startswith("fit.stopped-") and (fit / "settings.yaml").exists()
+    (fit / "checkpoints").mkdir()
+    (fit / "checkpoints" / "last.ckpt").write_text("")
+    assert resume_checkpoint(fit, config, "run") == fit / "checkpoints" / "last.ckpt"
+    changed = {**config, "trainer": {"max_steps": 8}}
+    with pytest.raises(UserError, match=r"trainer\.max_steps differs.*another --name than run"):
+        resume_checkpoint(fit, changed, "run")
+    added = {**config, "seed_everything": 1}
+    with pytest.raises(UserError, match="seed_everything differs"):
+        resume_checkpoint(fit, added, "run")
+    (fit / "settings.yaml").unlink()  # a fit from before settings were kept
+    with pytest.raises(UserError, match="no .*settings.yaml"):
+        resume_checkpoint(fit, config, "run")
+
+
+def test_validation_curve_keeps_the_newest_value_of_a_step_logged_again(tmp_path):
+    key = "val/accepted_tokens_per_step"
+    for version, rows in ((0, [(0, 1.0), (2, 1.5), (4, 1.7)]), (1, [(4, 1.8), (6, 2.0)])):
+        folder = tmp_path / "logs" / f"version_{version}"
+        folder.mkdir(parents=True)
+        lines = ["step,train/loss," + key] + [f"{step},,{value}" for step, value in rows] + ["5,0.3,"]
+        (folder / "metrics.csv").write_text("\n".join(lines) + "\n")
+        os.utime(folder / "metrics.csv", (version, version))  # oldest first, as written
+    assert validation_curve(tmp_path) == [(0, 1.0), (2, 1.5), (4, 1.8), (6, 2.0)]
 
 
 def test_ablate_runs_the_variants_of_a_recipe(tmp_path, capsys):

@@ -10,7 +10,9 @@ overlays, the evaluation) and the fit settings of the experiment beside it (any 
     trainer: {max_steps: 200}
 
 Stages, in WORK_DIR/NAME/: (1) `cllm fit` (collecting the trajectories first when the folder is missing), its
-progress lines shown here and everything in fit.log; (2) `cllm export` of the last checkpoint into model/;
+progress lines shown here and everything in fit.log; run again, it resumes from the fit's last checkpoint (saved
+at each validation) when the resolved fit settings are those it started with (fit/settings.yaml), and refuses
+otherwise; (2) `cllm export` of the last checkpoint into model/;
 (3) `cllm evaluate` of the trained model against the base model (`cllm.evaluate`: paired timing, training gain);
 (4) results.json + results.md in --output (default WORK_DIR/NAME/report), with the recipe, command, validation
 curve and stage times. `--overlay` runs a variant (NAME+STEM...); `--override KEY=VALUE` changes one fit setting.
@@ -31,6 +33,7 @@ import dataclasses
 import datetime
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,11 +131,12 @@ def fit_config(configs: list[str], fit_args: list[str]) -> dict:
     return yaml.safe_load(done.stdout)
 
 
-def run_stage(name: str, command: list[str], log: Path, shown: str | None = None) -> float:
-    """Run one stage with its output in `log`; lines starting with `shown` are printed here too."""
+def run_stage(name: str, command: list[str], log: Path, shown: str | None = None, append: bool = False) -> float:
+    """Run one stage with its output in `log` (after what it holds, with `append`); lines starting with `shown` are
+    printed here too."""
     print(f"== {name}: {' '.join(command)}\n   (log: {log})", flush=True)
     start = time.perf_counter()
-    with open(log, "w") as handle:
+    with open(log, "a" if append else "w") as handle:
         child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
         for line in child.stdout:
             handle.write(line)
@@ -152,9 +156,45 @@ def latest_checkpoint(root: Path) -> Path:
 
 
 def validation_curve(fit_root: Path) -> list[tuple[int, float]]:
-    """(step, val/accepted_tokens_per_step) from the fit's CSV logs."""
+    """(step, val/accepted_tokens_per_step) from the fit's CSV logs; a step logged again by a resumed fit (it
+    restarts at its last checkpoint) keeps the newest value."""
     key = "val/accepted_tokens_per_step"
-    return sorted((int(row["step"]), row[key]) for row in read_metrics_csv(fit_root) if key in row)
+    return sorted({int(row["step"]): row[key] for row in read_metrics_csv(fit_root) if key in row}.items())
+
+
+def resume_checkpoint(fit_root: Path, config: dict, name: str) -> Path | None:
+    """The checkpoint a rerun of the recipe resumes from (None: a fresh fit), after writing the settings a fresh
+    fit starts with to fit/settings.yaml. A last checkpoint from other settings (or from before settings were
+    kept) is refused, naming the first setting that differs: resuming would mix two experiments. A fit folder
+    without a checkpoint (stopped before its first validation) is moved aside to fit.stopped-TIME, not mixed in."""
+    settings_file, last = fit_root / "settings.yaml", fit_root / "checkpoints" / "last.ckpt"
+    if last.exists():
+        kept = yaml.safe_load(settings_file.read_text()) if settings_file.exists() else None
+        if kept != config:
+            where = f"{first_difference(kept, config)} differs" if kept is not None else f"no {settings_file}"
+            raise UserError(
+                f"{fit_root} holds the checkpoints of a fit with other settings ({where}); remove it to start "
+                f"afresh, or run this variant under another --name than {name}"
+            )
+        return last
+    if any(fit_root.rglob("*.ckpt")):
+        raise UserError(f"{fit_root} holds checkpoints but no checkpoints/last.ckpt: resume with cllm fit --ckpt_path")
+    if fit_root.exists():
+        aside = fit_root.with_name(f"fit.stopped-{datetime.datetime.now():%Y%m%d-%H%M%S}")
+        fit_root.rename(aside)
+        print(f"   {fit_root} had no checkpoint (stopped before its first validation): moved to {aside}", flush=True)
+    fit_root.mkdir(parents=True)
+    atomic_write_text(settings_file, yaml.safe_dump(config, sort_keys=False))
+    return None
+
+
+def first_difference(old, new, path: str = "") -> str:
+    """The dotted key of the first place two resolved configs differ (`path` or the root when they are leaves)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in [*old, *(k for k in new if k not in old)]:
+            if key not in old or key not in new or old[key] != new[key]:
+                return first_difference(old.get(key), new.get(key), f"{path}.{key}" if path else str(key))
+    return path or "the config"
 
 
 def run(settings: RunSettings, argv: list[str] | None = None) -> dict:
@@ -182,26 +222,33 @@ def run(settings: RunSettings, argv: list[str] | None = None) -> dict:
             raise UserError(f"--override {settings.override[0]}: {recipe} only evaluates; override the fit it names")
         if not exported.is_dir():
             raise UserError(f"{recipe}: no exported model in {exported}; run `cllm run --recipe {evaluates}` first")
-    work.mkdir(parents=True, exist_ok=True)
     # the fit settings beside the model stay those of the fit that made it: an evaluation keeps its copy in the report
     fit_file = (output if evaluates else work) / "recipe-fit.yaml"
-    fit_file.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(fit_file, yaml.safe_dump(fit_settings, sort_keys=False))
-    configs.append(str(fit_file))
+    fit_text = yaml.safe_dump(fit_settings, sort_keys=False)
     fit_args = [
         f"--trainer.default_root_dir={work / 'fit'}",
         f"--trainer.logger.init_args.save_dir={work / 'fit'}",
         f"--data.init_args.path={work / 'trajectories'}",
         *(f"--{item}" for item in settings.override),
     ]
-    config = fit_config(configs, fit_args)
+    with tempfile.TemporaryDirectory() as scratch:  # resolved from a scratch copy: nothing is written before checks
+        (Path(scratch) / fit_file.name).write_text(fit_text)
+        config = fit_config([*configs, str(Path(scratch) / fit_file.name)], fit_args)
     if "max_new_tokens" not in block["evaluate"]:  # one owner: the trajectories' length, unless the recipe says
         base_evaluation.max_new_tokens = config["data"]["init_args"]["max_new_tokens"]
     base_model = config["model"]["init_args"]["model"]
     n, _ = block_size(config["data"]["init_args"]["path"], config["data"]["init_args"].get("n"))
-    if not settings.skip_fit and not evaluates:
+    fitting = not settings.skip_fit and not evaluates
+    resume = resume_checkpoint(work / "fit", config, name) if fitting else None
+    fit_file.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(fit_file, fit_text)
+    configs.append(str(fit_file))
+    if fitting:
         fit = [*PYTHON, "fit", *(f"--config={c}" for c in configs), *fit_args, PROGRESS]
-        timings["fit"] = run_stage("fit", fit, work / "fit.log", shown="[progress]")
+        if resume:
+            print(f"== fit resumes from {resume} (the same settings: {work / 'fit' / 'settings.yaml'})", flush=True)
+            fit.append(f"--ckpt_path={resume}")
+        timings["fit"] = run_stage("fit", fit, work / "fit.log", shown="[progress]", append=resume is not None)
         export = [*PYTHON, "export", "--ckpt", str(latest_checkpoint(work / "fit")), "--output", str(exported)]
         timings["export"] = run_stage("export", export, work / "export.log")
     elif not exported.is_dir():
