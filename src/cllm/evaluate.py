@@ -6,9 +6,8 @@
 The one evaluation engine: `cllm bench` is this command without quality; the recipe runner calls it too.
 
 1. Choices on warm-up prompts that are then never timed (`--warmup` of them, from `SUITE:validation` for a
-   `SUITE:test` set, else the set's first ones): the AR variant (eager / compiled x dtypes) and each decoder's
-   block size n and dtype, per model, each candidate `--repeats` times per warm-up (minimum kept); then each
-   model's *fastest* (AR a candidate) for the training gain, its winners timed paired in one more round.
+   `SUITE:test` set, else the set's first ones), `--repeats` each: the AR variant (eager / compiled x dtypes) and
+   each decoder's n and dtype per model; then, the winners side by side, each model's *fastest* (AR a candidate).
 2. Every test prompt timed (`--timed` lowers it): AR and every chosen decoder of every model back to back on the
    prompt, in rotating order, `--repeats` times, minimum kept (`cllm.timing`).
 3. Figures (see `cllm.timing.paired_speedup`): speedup = median of per-prompt ratios with a 95% bootstrap interval,
