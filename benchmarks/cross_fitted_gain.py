@@ -19,7 +19,7 @@ from cllm.arguments import parse_settings, run_script
 from cllm.errors import UserError
 from cllm.evaluate_report import cross_fitted_line, markdown
 from cllm.files import atomic_write_text, write_json
-from cllm.spec_bench import answer_rate, read_answers
+from cllm.spec_bench import timed_rates
 from cllm.timing import cross_fitted_gain
 
 
@@ -34,18 +34,6 @@ class CrossFitSettings:
     reports: list[str] = field(default_factory=list)
 
 
-def side(folder: Path, entry: dict) -> dict[str, list[float]]:
-    """Runner label -> its per-prompt tokens/s on the timed prompts, from one model's records on one suite."""
-    labels = {"ar": entry["ar"]["variant"]} | {name: d["setting"] for name, d in entry["decoders"].items()}
-    runners = {}
-    for key, label in labels.items():
-        path = folder / entry["records"][key]
-        if not path.is_file():
-            raise UserError(f"{path}: records missing; the cross-fitted gain needs every runner's")
-        runners[label] = [answer_rate(answer) for answer in read_answers(path)[: entry["timed_prompts"]]]
-    return runners
-
-
 def refit(folder: Path) -> dict:
     """The report with `cross_fitted` added to each suite's training gain (not written)."""
     path = folder / "results.json"
@@ -56,7 +44,7 @@ def refit(folder: Path) -> dict:
     if len(names) != 2 or not report.get("training_gain"):
         raise UserError(f"{path}: no training gain (a report of a trained and a base model)")
     for suite, gain in report["training_gain"].items():
-        trained, base = (side(folder, report["models"][name][suite]) for name in names)
+        trained, base = (timed_rates(folder, report["models"][name][suite]) for name in names)
         gain["cross_fitted"] = cross_fitted_gain(trained, base)
     return report
 

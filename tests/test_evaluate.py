@@ -253,6 +253,16 @@ def test_the_cross_fitted_gain_recomputed_from_the_records_equals_the_engines(re
     assert "Cross-fitted" in (copy / "results.md").read_text()
 
 
+def test_warmup_choice_cost_against_a_hand_count():
+    """benchmarks/warmup_choice.py: a (median 5.5) beats b (2) over all prompts; of the 6 pairs of prompts only
+    {0, 1} (a's median 1) chooses b, costing 1 - 2 / 5.5; random draws approach 1/6 and 1/6 of that cost."""
+    from test_hw_benchmarks import BENCHMARKS, load
+
+    wrong, cost = load(BENCHMARKS / "warmup_choice.py").choice_cost({"a": [1, 1, 10, 10], "b": [2, 2, 2, 2]}, 2)
+    assert wrong == pytest.approx(1 / 6, abs=0.03) and cost == pytest.approx((1 - 2 / 5.5) / 6, abs=0.02)
+    assert load(BENCHMARKS / "warmup_choice.py").choice_cost({"a": [3, 3], "b": [1, 1]}, 2) == (0.0, 0.0)
+
+
 def test_tokens_per_step_without_degenerate_outputs_drops_the_loops():
     loop, plain, short = [7] * 12, list(range(12)), [1, 2, 3, 4]
     timing = Timings(tokens=[loop, plain, short], passes=[[12], [3] * 4, [1, 1, 2]])  # 12, 3 and 4/3 tokens/pass

@@ -23,6 +23,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from cllm.errors import UserError
 from cllm.files import atomic_write_text
 
 
@@ -90,3 +91,16 @@ def speed(method: list[dict], baseline: list[dict], tokenizer) -> dict:
         "speedup": statistics.fmean(speeds) / statistics.fmean(base),
         "mean_accepted_tokens": statistics.fmean(accepted) if accepted else 0.0,
     }
+
+
+def timed_rates(folder: Path, entry: dict) -> dict[str, list[float]]:
+    """Runner label -> its per-prompt tokens/s on the timed prompts, read back from the records of one model on one
+    prompt set (`entry`: `models.<model>.<suite>` of the report in `folder`); AR and every decoder, as timed."""
+    labels = {"ar": entry["ar"]["variant"]} | {name: d["setting"] for name, d in entry["decoders"].items()}
+    runners = {}
+    for key, label in labels.items():
+        path = folder / entry["records"][key]
+        if not path.is_file():
+            raise UserError(f"{path}: records missing; this figure needs every runner's")
+        runners[label] = [answer_rate(answer) for answer in read_answers(path)[: entry["timed_prompts"]]]
+    return runners
