@@ -180,6 +180,7 @@ def test_a_recipe_run_again_resumes_its_fit_from_the_last_checkpoint(tmp_path):
     assert "planted crash" in log and "Restoring" in log  # the first attempt's log kept, the second after it
     report = json.loads((fit.parent / "report" / "results.json").read_text())
     assert [step for step, _ in report["recipe"]["validation_curve"]] == [0, 1, 3]  # Lightning logs step - 1
+    assert report["recipe"]["fit_resumed_from"] == str(fit / "checkpoints" / "last.ckpt")
 
     other = subprocess.run([*command, "--override", "model.init_args.lr=0.5"], capture_output=True, text=True,
                            check=False, cwd=tmp_path, env=env)  # fmt: skip

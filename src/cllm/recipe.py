@@ -267,7 +267,8 @@ def run(settings: RunSettings, argv: list[str] | None = None) -> dict:
         "base_model": base_model,
         "n": n,
         "date": datetime.date.today().isoformat(),
-        "timings": timings,
+        "timings": timings,  # a resumed fit's time is its last attempt's
+        **({"fit_resumed_from": str(resume)} if resume else {}),
         "validation_curve": validation_curve(work / "fit"),
     }
     write_json(output / "results.json", results)
