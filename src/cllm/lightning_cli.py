@@ -7,7 +7,6 @@ Model and data module are chosen by `class_path` in the config (subclass mode), 
 from __future__ import annotations
 
 import os
-import pickle
 import re
 import sys
 
@@ -68,7 +67,9 @@ class CLLMLightningCLI(LightningCLI):
         # LightningCLI reads a `--ckpt_path` file's hyperparameters while parsing: a corrupt file is one line too.
         try:
             super()._parse_ckpt_path()
-        except (pickle.UnpicklingError, EOFError, RuntimeError, OSError) as err:
+        except UserError:
+            raise
+        except Exception as err:  # noqa: BLE001 -- random bytes reach the unpickler's every error (UnicodeDecodeError...)
             ckpt_path = self.config[self.config.subcommand].get("ckpt_path")
             raise UserError(f"{ckpt_path}: {UNREADABLE}: {exception_line(err)}") from None
 

@@ -176,7 +176,9 @@ def guard_checkpoint_loading(strategy: Any) -> None:
             return load(checkpoint_path, *args, **kwargs)
         except CheckpointException as err:
             raise UserError(f"{checkpoint_path}: cannot read this checkpoint: {_first_failure(err)}") from None
-        except (pickle.UnpicklingError, EOFError, RuntimeError, OSError) as err:  # truncated zip, forbidden global
+        except UserError:
+            raise
+        except Exception as err:  # noqa: BLE001 -- truncated zip, forbidden global, random bytes (any unpickler error)
             raise UserError(f"{checkpoint_path}: {UNREADABLE}: {exception_line(err)}") from None
 
     strategy.load_checkpoint = checked_load
